@@ -1,0 +1,414 @@
+/* Connection lifecycle and buffered I/O over the worker's io_uring (see conn.h). */
+#include "core/conn.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "core/log.h"
+#include "tls/tls.h"
+
+#define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+
+/* Input the protocol has not used yet may grow to this while it is
+ * suspended before we stop reading from the socket. */
+#define CONN_IN_PAUSE_BYTES (256 * 1024)
+/* Hard bound on unused input while not suspended: protocols consume or
+ * discard lines well before this. */
+#define CONN_IN_MAX_BYTES (1024 * 1024)
+#define CONN_TLS_CHUNK 16384
+
+static void conn_flush_run(struct loop_task *t);
+static void conn_maybe_finish(struct conn *c);
+static void conn_abort(struct conn *c);
+
+/* One plaintext scratch buffer per worker thread for TLS reads. */
+static __thread char tls_scratch[CONN_TLS_CHUNK];
+
+static void recv_arm(struct conn *c)
+{
+    struct io_uring_sqe *sqe = loop_sqe(c->loop);
+    io_uring_prep_recv_multishot(sqe, c->fd, NULL, 0, 0);
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = LOOP_BUF_GROUP;
+    loop_sqe_set_op(sqe, &c->recv_op);
+    c->flags |= CONN_RECV_ARMED;
+}
+
+static void recv_cancel(struct conn *c)
+{
+    if (!(c->flags & CONN_RECV_ARMED) || (c->flags & CONN_CANCELLING)) return;
+    struct io_uring_sqe *sqe = loop_sqe(c->loop);
+    io_uring_prep_cancel(sqe, &c->recv_op, 0);
+    loop_sqe_set_op(sqe, NULL);
+    c->flags |= CONN_CANCELLING;
+}
+
+static void schedule_flush(struct conn *c) { loop_defer(c->loop, &c->flush_task); }
+
+/* Hand plaintext to the protocol, keeping what it does not use. */
+static void deliver(struct conn *c, const char *p, size_t n)
+{
+    bool buffered = false;
+    if (bytebuf_used(&c->in) > 0 || (c->flags & CONN_SUSPENDED)) {
+        if (bytebuf_append(&c->in, p, n) < 0) {
+            conn_abort(c);
+            return;
+        }
+        if (c->flags & CONN_SUSPENDED) {
+            if (bytebuf_used(&c->in) > CONN_IN_PAUSE_BYTES) {
+                c->flags |= CONN_RECV_PAUSED;
+                recv_cancel(c);
+            }
+            return;
+        }
+        p = bytebuf_head(&c->in);
+        n = bytebuf_used(&c->in);
+        buffered = true;
+    }
+    if (n == 0) return;
+    bool had_tls = c->tls != NULL;
+    size_t used = c->proto->on_data(c, p, n);
+    if (conn_closing(c) || (c->tls && !had_tls)) {
+        /* Closing, or STARTTLS just began: whatever followed is void. */
+        bytebuf_free(&c->in);
+        return;
+    }
+    if (buffered) {
+        bytebuf_consume(&c->in, used);
+        if (bytebuf_used(&c->in) == 0) bytebuf_free(&c->in);
+    } else if (used < n) {
+        if (bytebuf_append(&c->in, p + used, n - used) < 0) {
+            conn_abort(c);
+            return;
+        }
+    }
+    if (bytebuf_used(&c->in) > CONN_IN_MAX_BYTES) {
+        log_warn("conn", "input backlog over %d bytes: closing", CONN_IN_MAX_BYTES);
+        conn_abort(c);
+    }
+}
+
+static void tls_move_out(struct conn *c)
+{
+    size_t pending;
+    while ((pending = tls_conn_pending_out(c->tls)) > 0) {
+        if (bytebuf_reserve(&c->out, pending) < 0) {
+            conn_abort(c);
+            return;
+        }
+        size_t got = tls_conn_take_out(c->tls, c->out.data + c->out.len, pending);
+        if (got == 0) break;
+        c->out.len += got;
+    }
+}
+
+static void tls_pump(struct conn *c)
+{
+    if (c->flags & CONN_TLS_HANDSHAKE) {
+        int r = tls_conn_handshake(c->tls);
+        tls_move_out(c);
+        schedule_flush(c);
+        if (r < 0) {
+            log_info("tls", "handshake failed: %s", tls_conn_error(c->tls));
+            c->proto->on_tls(c, 0);
+            conn_close(c);
+            return;
+        }
+        if (r == 0) return;
+        c->flags &= ~CONN_TLS_HANDSHAKE;
+        c->proto->on_tls(c, 1);
+        if (conn_closing(c)) return;
+    }
+    for (;;) {
+        struct tls_conn *t = c->tls;
+        ssize_t k = tls_conn_read(t, tls_scratch, sizeof tls_scratch);
+        if (k > 0) {
+            deliver(c, tls_scratch, (size_t)k);
+            if (conn_closing(c) || c->tls != t) break;
+            continue;
+        }
+        if (k < 0) {
+            c->flags |= CONN_PEER_EOF;
+            conn_close(c);
+        }
+        break;
+    }
+    if (c->tls && tls_conn_pending_out(c->tls) > 0) {
+        tls_move_out(c);
+        schedule_flush(c);
+    }
+}
+
+static void on_recv(struct loop_op *op, struct io_uring_cqe *cqe)
+{
+    struct conn *c = container_of(op, struct conn, recv_op);
+    int res = cqe->res;
+    unsigned flags = cqe->flags;
+    if (!(flags & IORING_CQE_F_MORE)) c->flags &= ~(CONN_RECV_ARMED | CONN_CANCELLING);
+    if (res > 0 && (flags & IORING_CQE_F_BUFFER)) {
+        unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
+        if (!conn_closing(c)) {
+            const char *data = bufring_buf(&c->loop->bufs, bid);
+            if (c->tls) {
+                if (tls_conn_feed(c->tls, data, (size_t)res) < 0) conn_abort(c);
+                else tls_pump(c);
+            } else {
+                deliver(c, data, (size_t)res);
+            }
+        }
+        bufring_recycle(&c->loop->bufs, bid);
+    } else if (res == 0) {
+        c->flags |= CONN_PEER_EOF;
+        conn_close(c);
+    } else if (res < 0 && res != -ENOBUFS && res != -ECANCELED) {
+        c->flags |= CONN_PEER_EOF;
+        conn_abort(c);
+    }
+    if (!(c->flags & CONN_RECV_ARMED)) {
+        if (conn_closing(c)) conn_maybe_finish(c);
+        else if (!(c->flags & (CONN_RECV_PAUSED | CONN_PEER_EOF))) recv_arm(c);
+    }
+}
+
+static void send_submit(struct conn *c)
+{
+    struct io_uring_sqe *sqe = loop_sqe(c->loop);
+    io_uring_prep_send(sqe, c->fd, bytebuf_head(&c->flight), bytebuf_used(&c->flight),
+                       MSG_NOSIGNAL);
+    loop_sqe_set_op(sqe, &c->send_op);
+    c->flags |= CONN_SENDING;
+}
+
+static void on_send(struct loop_op *op, struct io_uring_cqe *cqe)
+{
+    struct conn *c = container_of(op, struct conn, send_op);
+    c->flags &= ~CONN_SENDING;
+    if (cqe->res < 0) {
+        bytebuf_free(&c->flight);
+        c->flags |= CONN_PEER_EOF;
+        conn_abort(c);
+        conn_maybe_finish(c);
+        return;
+    }
+    bytebuf_consume(&c->flight, (size_t)cqe->res);
+    if (bytebuf_used(&c->flight) > 0) {
+        send_submit(c);
+        return;
+    }
+    bytebuf_free(&c->flight);
+    if (bytebuf_used(&c->out) > 0) {
+        struct bytebuf tmp = c->flight;
+        c->flight = c->out;
+        c->out = tmp;
+        send_submit(c);
+        return;
+    }
+    if (conn_closing(c)) conn_maybe_finish(c);
+}
+
+static void conn_flush_run(struct loop_task *t)
+{
+    struct conn *c = container_of(t, struct conn, flush_task);
+    if (c->flags & CONN_CLOSED) {
+        /* Last step of a close: nothing of ours refers to c any more. */
+        c->proto->on_close(c);
+        return;
+    }
+    if (c->tls && bytebuf_used(&c->tls_pt) > 0 && !(c->flags & CONN_TLS_HANDSHAKE)) {
+        if (tls_conn_write(c->tls, bytebuf_head(&c->tls_pt), bytebuf_used(&c->tls_pt)) < 0) {
+            bytebuf_free(&c->tls_pt);
+            conn_abort(c);
+        } else {
+            bytebuf_free(&c->tls_pt);
+            tls_move_out(c);
+        }
+    }
+    if (!(c->flags & CONN_SENDING) && bytebuf_used(&c->out) > 0) {
+        struct bytebuf tmp = c->flight;
+        c->flight = c->out;
+        c->out = tmp;
+        send_submit(c);
+    }
+    if (conn_closing(c)) conn_maybe_finish(c);
+}
+
+static void on_timer(struct timer *t)
+{
+    struct conn *c = container_of(t, struct conn, timer);
+    if (conn_closing(c)) {
+        /* The peer would not take our last words in time. */
+        conn_abort(c);
+        conn_maybe_finish(c);
+        return;
+    }
+    c->proto->on_timeout(c);
+}
+
+void conn_init(struct conn *c, struct loop *l, int fd, const struct conn_proto *proto,
+               struct tls_ctx *tls_ctx)
+{
+    memset(c, 0, sizeof *c);
+    c->loop = l;
+    c->fd = fd;
+    c->proto = proto;
+    c->recv_op.fn = on_recv;
+    c->send_op.fn = on_send;
+    c->flush_task.fn = conn_flush_run;
+    c->timer.fn = on_timer;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    if (getpeername(fd, (struct sockaddr *)&ss, &sl) == 0) conn_addr_from_sockaddr(&c->peer, &ss);
+    sl = sizeof ss;
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0) conn_addr_from_sockaddr(&c->local, &ss);
+    if (tls_ctx) {
+        c->tls = tls_conn_new(tls_ctx, 1, NULL);
+        if (c->tls) c->flags |= CONN_TLS_HANDSHAKE;
+    }
+    recv_arm(c);
+}
+
+void conn_write(struct conn *c, const void *p, size_t n)
+{
+    if (c->flags & CONN_CLOSED) return;
+    struct bytebuf *b = c->tls ? &c->tls_pt : &c->out;
+    if (bytebuf_append(b, p, n) < 0) {
+        conn_abort(c);
+        return;
+    }
+    schedule_flush(c);
+}
+
+void conn_printf(struct conn *c, const char *fmt, ...)
+{
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    if ((size_t)n >= sizeof buf) n = sizeof buf - 1;
+    conn_write(c, buf, (size_t)n);
+}
+
+int conn_start_tls(struct conn *c, struct tls_ctx *ctx)
+{
+    struct tls_conn *t = tls_conn_new(ctx, 1, NULL);
+    if (!t) return -1;
+    c->tls = t;
+    c->flags |= CONN_TLS_HANDSHAKE;
+    bytebuf_free(&c->in);
+    return 0;
+}
+
+bool conn_is_tls(const struct conn *c) { return c->tls && !(c->flags & CONN_TLS_HANDSHAKE); }
+const char *conn_tls_version(const struct conn *c) { return c->tls ? tls_conn_version(c->tls) : NULL; }
+const char *conn_tls_cipher(const struct conn *c) { return c->tls ? tls_conn_cipher(c->tls) : NULL; }
+
+void conn_suspend(struct conn *c) { c->flags |= CONN_SUSPENDED; }
+
+/* Buffered input is offered at once: callers resume as their last step,
+ * with their state ready for more input. */
+void conn_resume(struct conn *c)
+{
+    if (!(c->flags & CONN_SUSPENDED)) return;
+    c->flags &= ~CONN_SUSPENDED;
+    if (conn_closing(c)) return;
+    if (bytebuf_used(&c->in) > 0) deliver(c, NULL, 0);
+    if (!conn_closing(c) && (c->flags & CONN_RECV_PAUSED) && !(c->flags & CONN_SUSPENDED)) {
+        c->flags &= ~CONN_RECV_PAUSED;
+        if (!(c->flags & CONN_RECV_ARMED)) recv_arm(c);
+    }
+}
+
+void conn_set_timeout(struct conn *c, uint64_t ms)
+{
+    if (ms == 0) timer_cancel(&c->loop->timers, &c->timer);
+    else timer_arm(&c->loop->timers, &c->timer, ms);
+}
+
+void conn_close(struct conn *c)
+{
+    if (conn_closing(c)) return;
+    c->flags |= CONN_CLOSING;
+    recv_cancel(c);
+    /* Bound the time we wait for the peer to take the last reply. */
+    timer_arm(&c->loop->timers, &c->timer, 5000);
+    schedule_flush(c);
+}
+
+static void conn_abort(struct conn *c)
+{
+    bytebuf_free(&c->out);
+    bytebuf_free(&c->tls_pt);
+    if (!conn_closing(c)) {
+        c->flags |= CONN_CLOSING;
+        recv_cancel(c);
+        timer_arm(&c->loop->timers, &c->timer, 5000);
+    }
+    c->flags |= CONN_PEER_EOF;
+    schedule_flush(c);
+}
+
+static void conn_maybe_finish(struct conn *c)
+{
+    if (c->flags & CONN_CLOSED) return;
+    if (c->flags & (CONN_SENDING | CONN_RECV_ARMED)) {
+        recv_cancel(c);
+        return;
+    }
+    if (bytebuf_used(&c->out) > 0 && !(c->flags & CONN_PEER_EOF)) return;
+    c->flags |= CONN_CLOSED;
+    timer_cancel(&c->loop->timers, &c->timer);
+    close(c->fd);
+    c->fd = -1;
+    bytebuf_free(&c->in);
+    bytebuf_free(&c->out);
+    bytebuf_free(&c->flight);
+    bytebuf_free(&c->tls_pt);
+    if (c->tls) {
+        tls_conn_free(c->tls);
+        c->tls = NULL;
+    }
+    /* on_close runs from the flush task, which may already be queued: the
+     * protocol frees c there, after which no queued step refers to it. */
+    schedule_flush(c);
+}
+
+const char *conn_addr_str(const struct conn_addr *a, char *buf, size_t len)
+{
+    if (!inet_ntop(a->family == AF_INET6 ? AF_INET6 : AF_INET, a->addr, buf, (socklen_t)len))
+        snprintf(buf, len, "unknown");
+    return buf;
+}
+
+void conn_addr_from_sockaddr(struct conn_addr *a, const void *sa)
+{
+    const struct sockaddr *s = sa;
+    memset(a, 0, sizeof *a);
+    if (s->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = sa;
+        /* Report v4-mapped peers as plain IPv4. */
+        if (IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr)) {
+            a->family = AF_INET;
+            memcpy(a->addr, &s6->sin6_addr.s6_addr[12], 4);
+        } else {
+            a->family = AF_INET6;
+            memcpy(a->addr, &s6->sin6_addr, 16);
+        }
+        a->port = ntohs(s6->sin6_port);
+    } else if (s->sa_family == AF_INET) {
+        const struct sockaddr_in *s4 = sa;
+        a->family = AF_INET;
+        memcpy(a->addr, &s4->sin_addr, 4);
+        a->port = ntohs(s4->sin_port);
+    }
+}

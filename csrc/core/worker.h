@@ -1,0 +1,81 @@
+/* The engine in C: configuration, worker threads (one loop each), their
+ * listener sockets, and the counters they share lock-free. */
+#ifndef CORE_WORKER_H
+#define CORE_WORKER_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#include "core/config.h"
+#include "core/loop.h"
+
+struct bridge;
+struct spool;
+struct engine;
+struct worker;
+
+struct listener {
+    struct loop_op accept_op;
+    struct worker *w;
+    struct listener_cfg *cfg;
+    int fd;
+    bool armed;
+};
+
+/* Sessions a worker owns, so stop() can reach every one. */
+struct session_link {
+    struct session_link *prev, *next;
+};
+
+struct worker {
+    struct loop loop;
+    struct engine *eng;
+    int id;
+    pthread_t thread;
+    struct spool *spool;
+    struct listener *listeners;
+    size_t nlisteners;
+    struct session_link sessions;     /* list head */
+    size_t nsessions;
+    struct loop_msg stop_msg;
+    bool draining;
+    int init_rc;
+    char init_err[256];
+};
+
+#define ENGINE_IP_SLOTS 65536
+
+struct engine {
+    struct me_config *cfg;
+    struct worker *workers;
+    int nworkers;
+    struct bridge *bridge;
+    atomic_uint conns_total;
+    /* Connections per client address, hashed: a collision can only make
+     * the limit stricter for the two addresses that share a slot. */
+    atomic_ushort conns_per_ip[ENGINE_IP_SLOTS];
+    atomic_int running_workers;
+    pthread_mutex_t start_lock;
+    pthread_cond_t start_cond;
+    int started;
+    uint64_t stop_deadline_ms;        /* CLOCK_MONOTONIC; draining stop */
+};
+
+/* Open listeners, start workers; 0, or -1 with err. */
+int engine_start(struct engine *e, char *err, size_t errlen);
+/* Ask every worker to stop taking connections and finish what is in
+ * flight, for at most timeout_ms; then close what remains. */
+void engine_request_stop(struct engine *e, uint64_t timeout_ms);
+/* Wait for the workers (call without the GIL). */
+void engine_join(struct engine *e);
+void engine_free(struct engine *e);
+
+unsigned engine_ip_slot(const struct conn_addr *a);
+
+/* Protocol entry points used by the accept loop. */
+void smtp_session_start(struct worker *w, struct listener_cfg *lc, int fd);
+/* Worker is stopping: close idle sessions now, in-transaction ones later. */
+void smtp_sessions_drain(struct worker *w, bool force);
+
+#endif

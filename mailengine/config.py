@@ -1,0 +1,264 @@
+"""Configuration: dataclasses, a TOML file, or both (flags override the file).
+
+Everything is checked in ``Config.validate()`` before any port is opened, and
+a bad setting raises ``ConfigError`` naming its key.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+LISTENER_KINDS = ("mx", "submission", "smtps")
+LOG_LEVELS = {"error": 0, "warning": 1, "info": 2, "debug": 3}
+LOOPBACK = ["127.0.0.0/8", "::1/128"]
+
+
+@dataclass
+class Listener:
+    """One listening socket: ``mx`` (port 25 role, no AUTH), ``submission``
+    (AUTH required, STARTTLS) or ``smtps`` (implicit TLS submission)."""
+
+    kind: str = "mx"
+    host: str = "127.0.0.1"
+    port: int = 25
+    name: str | None = None
+
+
+@dataclass
+class Limits:
+    """Every protocol limit, by name. Sizes in octets, times in seconds."""
+
+    max_command_line: int = 2048          # RFC 5321 4.5.3.1.4 (512) plus extension room
+    max_text_line: int = 65536            # RFC says 1000; real mail is longer
+    max_message_size: int = 26214400      # SIZE, 25 MiB
+    max_recipients: int = 1000            # per transaction; more get 452 4.5.3
+    max_errors: int = 20                  # then 421 and close
+    max_auth_failures: int = 3            # then 421 and close
+    auth_fail_delay: float = 1.0          # seconds, times the failure count
+    command_timeout: float = 300.0        # RFC 5321 4.5.3.2.7
+    data_timeout: float = 600.0
+    session_timeout: float = 3600.0
+    max_connections: int = 10000
+    max_connections_per_ip: int = 50      # trusted networks are exempt
+
+
+@dataclass
+class User:
+    """A mailbox user. ``password_hash`` is "$pbkdf2-sha256$...", "{SHA512-CRYPT}$6$..."."""
+
+    address: str
+    password_hash: str
+
+
+@dataclass
+class Config:
+    data_dir: str = "./mail-data"
+    hostname: str = field(default_factory=socket.gethostname)
+    listeners: list[Listener] = field(default_factory=list)
+    domains: list[str] = field(default_factory=list)
+    users: list[User] = field(default_factory=list)
+    trusted_networks: list[str] = field(default_factory=lambda: list(LOOPBACK))
+    tls_cert: str | None = None           # None: a self-signed one in data_dir/tls/
+    tls_key: str | None = None
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    allow_plain_auth: bool = False        # AUTH without TLS (538 5.7.11 otherwise)
+    reject_unknown_local: bool = True     # 550 5.1.1 for unknown users of local domains
+    log_level: str = "warning"
+    limits: Limits = field(default_factory=Limits)
+
+    # -- building ---------------------------------------------------------
+
+    @classmethod
+    def embedded_default(cls, data_dir: str = "./mail-data") -> tuple["Config", str]:
+        """The configuration ``make serve`` starts: localhost ports 2525 (MX),
+        2587 (submission) and 2465 (SMTPS), domains localhost and
+        example.test, and a demo user whose password is returned."""
+        password = secrets.token_urlsafe(12)
+        cfg = cls(
+            data_dir=data_dir,
+            hostname="localhost",
+            listeners=[
+                Listener("mx", "127.0.0.1", 2525),
+                Listener("submission", "127.0.0.1", 2587),
+                Listener("smtps", "127.0.0.1", 2465),
+            ],
+            domains=["localhost", "example.test"],
+        )
+        cfg.add_user("demo@example.test", password)
+        return cfg, password
+
+    def add_user(self, address: str, password: str, *, rounds: int = 0) -> None:
+        """Add a user with a password, stored salted and slowly hashed."""
+        from . import _core
+
+        self.users.append(User(address, _core.hash_password(password, rounds)))
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> "Config":
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError("config", f"cannot read {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("config", f"{path} is not valid TOML: {e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        known = {f.name for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ConfigError(key, "unknown setting")
+        kw = dict(data)
+        if "listeners" in kw:
+            kw["listeners"] = [_listener(i, item) for i, item in enumerate(kw["listeners"])]
+        if "users" in kw:
+            kw["users"] = [_user(i, item) for i, item in enumerate(kw["users"])]
+        if "limits" in kw:
+            lim = kw["limits"]
+            if not isinstance(lim, dict):
+                raise ConfigError("limits", "must be a table")
+            lknown = {f.name for f in fields(Limits)}
+            for key in lim:
+                if key not in lknown:
+                    raise ConfigError(f"limits.{key}", "unknown limit")
+            kw["limits"] = Limits(**lim)
+        return cls(**kw)
+
+    # -- checking ---------------------------------------------------------
+
+    def validate(self) -> None:
+        if not isinstance(self.data_dir, (str, os.PathLike)) or not str(self.data_dir):
+            raise ConfigError("data_dir", "must be a directory path")
+        if not isinstance(self.workers, int) or not 1 <= self.workers <= 256:
+            raise ConfigError("workers", "must be a whole number from 1 to 256")
+        if not self.listeners:
+            raise ConfigError("listeners", "at least one listener is needed")
+        seen: set[tuple[str, int]] = set()
+        for i, ls in enumerate(self.listeners):
+            if ls.kind not in LISTENER_KINDS:
+                raise ConfigError(f"listeners[{i}].kind", f"must be one of {', '.join(LISTENER_KINDS)}")
+            if not isinstance(ls.port, int) or not 0 < ls.port < 65536:
+                raise ConfigError(f"listeners[{i}].port", "must be 1 to 65535")
+            if (ls.host, ls.port) in seen:
+                raise ConfigError(f"listeners[{i}]", f"{ls.host}:{ls.port} is listed twice")
+            seen.add((ls.host, ls.port))
+        for i, d in enumerate(self.domains):
+            if not d or " " in d or "@" in d:
+                raise ConfigError(f"domains[{i}]", f"{d!r} is not a domain name")
+        for i, net in enumerate(self.trusted_networks):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"trusted_networks[{i}]", f"{net!r} is not an address or network") from None
+        from . import _core
+
+        for i, u in enumerate(self.users):
+            if "@" not in u.address:
+                raise ConfigError(f"users[{i}].address", f"{u.address!r} is not an address")
+            if not _core.hash_is_known(u.password_hash):
+                raise ConfigError(f"users[{i}].password_hash",
+                                  "not a known hash format (use `mailengine hash-password`)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert" if self.tls_cert is None else "tls_key",
+                              "tls_cert and tls_key go together")
+        for key in ("tls_cert", "tls_key"):
+            path = getattr(self, key)
+            if path is not None and not os.access(path, os.R_OK):
+                raise ConfigError(key, f"cannot read {path}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+        lim = self.limits
+        if lim.max_command_line < 512:
+            raise ConfigError("limits.max_command_line", "must be at least 512 (RFC 5321 4.5.3.1.4)")
+        if lim.max_text_line < 1000:
+            raise ConfigError("limits.max_text_line", "must be at least 1000 (RFC 5321 4.5.3.1.6)")
+        for f in fields(Limits):
+            v = getattr(lim, f.name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"limits.{f.name}", "must be a non-negative number")
+        for name in ("command_timeout", "data_timeout"):
+            if getattr(lim, name) <= 0:
+                raise ConfigError(f"limits.{name}", "must be positive")
+
+    def ensure_tls(self) -> tuple[str, str]:
+        """The certificate and key to use, generating a self-signed pair in
+        data_dir/tls/ when none is configured."""
+        if self.tls_cert and self.tls_key:
+            return self.tls_cert, self.tls_key
+        from . import _core
+
+        tls_dir = Path(self.data_dir) / "tls"
+        cert, key = tls_dir / "cert.pem", tls_dir / "key.pem"
+        if not (cert.exists() and key.exists()):
+            tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _core.generate_cert(str(cert), str(key), self.hostname)
+        return str(cert), str(key)
+
+    def to_core(self, hooks_mask: int) -> dict[str, Any]:
+        """The dict the C engine reads (after validate())."""
+        cert, key = self.ensure_tls()
+        listeners = []
+        for i, ls in enumerate(self.listeners):
+            listeners.append({"name": ls.name or f"{ls.kind}:{ls.port}", "kind": ls.kind,
+                              "host": ls.host, "port": ls.port})
+        nets = [str(ipaddress.ip_network(n, strict=False)) for n in self.trusted_networks]
+        return {
+            "data_dir": os.path.abspath(self.data_dir),
+            "hostname": self.hostname,
+            "workers": self.workers,
+            "listeners": listeners,
+            "domains": [d.lower().rstrip(".") for d in self.domains],
+            "trusted_networks": nets,
+            "users": [(u.address.lower(), u.password_hash) for u in self.users],
+            "tls_cert": cert,
+            "tls_key": key,
+            "allow_plain_auth": self.allow_plain_auth,
+            "reject_unknown_local": self.reject_unknown_local,
+            "hooks": hooks_mask,
+            "log_level": LOG_LEVELS[self.log_level],
+            "limits": {f.name: getattr(self.limits, f.name) for f in fields(Limits)},
+        }
+
+
+def _listener(i: int, item: Any) -> Listener:
+    if isinstance(item, Listener):
+        return item
+    if not isinstance(item, dict):
+        raise ConfigError(f"listeners[{i}]", "must be a table")
+    for key in item:
+        if key not in {"kind", "host", "port", "name"}:
+            raise ConfigError(f"listeners[{i}].{key}", "unknown setting")
+    return Listener(**item)
+
+
+def _user(i: int, item: Any) -> User:
+    if isinstance(item, User):
+        return item
+    if not isinstance(item, dict) or "address" not in item:
+        raise ConfigError(f"users[{i}]", "must be a table with address and password_hash (or password)")
+    if "password" in item:
+        from . import _core
+
+        return User(item["address"], _core.hash_password(item["password"]))
+    if "password_hash" not in item:
+        raise ConfigError(f"users[{i}].password_hash", "missing")
+    return User(item["address"], item["password_hash"])
+
+
+def parse_hostport(text: str, key: str) -> tuple[str, int]:
+    """"HOST:PORT", "[v6]:PORT" or ":PORT"."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(key, f"{text!r} is not HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)

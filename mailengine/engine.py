@@ -1,0 +1,318 @@
+"""The Engine: configure, register hooks, run.
+
+    engine = Engine(config)
+
+    @engine.hook("rcpt_to")
+    async def rcpt(session, address, params):
+        if address.endswith("@blocked.test"):
+            return Reject(550, "5.7.1 Not here")
+
+    engine.run()                 # blocks; or `await engine.serve()`
+
+The C workers never wait for Python: a hook call suspends only its own
+session. Requests arrive on an eventfd that the asyncio loop watches; each
+plain function runs directly, each coroutine as a task.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from . import _core
+from .config import Config
+from .errors import ConfigError, QueueError, StartError
+from .hooks import (HOOK_NAMES, Accept, Envelope, ReceivedEvent, Reject, Session, TempFail,
+                    parse_envelope, parse_params)
+from .queue import Queue
+
+log = logging.getLogger("mailengine")
+
+_HOOK_KINDS = {
+    "connect": _core.HOOK_CONNECT,
+    "helo": _core.HOOK_HELO,
+    "mail_from": _core.HOOK_MAIL,
+    "rcpt_to": _core.HOOK_RCPT,
+    "data": _core.HOOK_DATA,
+    "auth": _core.HOOK_AUTH,
+}
+_KIND_NAMES = {v: k for k, v in _HOOK_KINDS.items()}
+
+
+class Engine:
+    """A mail engine: listeners, policy hooks, the durable queue."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config if config is not None else Config()
+        self._hooks: dict[str, Callable[..., Any]] = {}
+        self._received_callbacks: list[Callable[[ReceivedEvent], Any]] = []
+        self._received_queues: set[asyncio.Queue[ReceivedEvent | None]] = set()
+        self._core: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._stop_timeout = 30.0
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.queue = Queue(lambda: self.config.data_dir)
+
+    # -- hooks and events ---------------------------------------------------
+
+    def hook(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator registering a hook: connect(session), helo(session, name),
+        mail_from(session, address, params), rcpt_to(session, address, params),
+        data(session, envelope, message), auth(session, mechanism, username,
+        password). Plain functions and ``async def`` both work."""
+        if name not in HOOK_NAMES:
+            raise ConfigError("hook", f"unknown hook {name!r}; known: {', '.join(HOOK_NAMES)}")
+
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.set_hook(name, fn)
+            return fn
+
+        return register
+
+    def set_hook(self, name: str, fn: Callable[..., Any] | None) -> None:
+        if name not in HOOK_NAMES:
+            raise ConfigError("hook", f"unknown hook {name!r}; known: {', '.join(HOOK_NAMES)}")
+        if self._core is not None:
+            raise ConfigError("hook", "hooks are set before the engine starts")
+        if fn is None:
+            self._hooks.pop(name, None)
+        else:
+            self._hooks[name] = fn
+
+    def on_received(self, fn: Callable[[ReceivedEvent], Any]) -> Callable[[ReceivedEvent], Any]:
+        """Decorator: fn(event) for every message accepted into the queue."""
+        self._received_callbacks.append(fn)
+        return fn
+
+    async def received(self) -> AsyncIterator[ReceivedEvent]:
+        """Async iterator over received events, from now until the engine stops.
+        Register it before serving (or call once) so no event is missed."""
+        q: asyncio.Queue[ReceivedEvent | None] = asyncio.Queue()
+        self._received_queues.add(q)
+        try:
+            while True:
+                ev = await q.get()
+                if ev is None:
+                    return
+                yield ev
+        finally:
+            self._received_queues.discard(q)
+
+    # -- running ------------------------------------------------------------
+
+    def _hooks_mask(self) -> int:
+        mask = 0
+        for name in self._hooks:
+            mask |= 1 << _HOOK_KINDS[name]
+        mask |= 1 << _core.EVENT_RECEIVED  # cheap: posted after commit, never waited on
+        return mask
+
+    def _make_core(self) -> Any:
+        self.config.validate()
+        try:
+            cfg = self.config.to_core(self._hooks_mask())
+        except OSError as e:
+            raise StartError(f"cannot prepare TLS certificate: {e}") from e
+        try:
+            return _core.Engine(cfg)
+        except ValueError as e:
+            key, _, msg = str(e).partition(": ")
+            raise ConfigError(key, msg or str(e)) from None
+
+    async def serve(self) -> None:
+        """Run inside the caller's asyncio loop until stop() is called."""
+        if self._core is not None:
+            raise StartError("engine is already running")
+        core = self._make_core()
+        try:
+            core.start()
+        except OSError as e:
+            raise StartError(str(e)) from None
+        self._core = core
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        self._loop.add_reader(core.fileno(), self._on_requests)
+        self._ready.set()
+        try:
+            await self._stop_event.wait()
+        finally:
+            timeout = self._stop_timeout
+            core.stop(timeout)
+            # Hooks still pending are answered while the workers drain.
+            join = asyncio.ensure_future(asyncio.to_thread(core.join))
+            while not join.done():
+                self._on_requests()
+                await asyncio.wait([join], timeout=0.05)
+            self._loop.remove_reader(core.fileno())
+            self._on_requests()
+            for q in list(self._received_queues):
+                q.put_nowait(None)
+            for t in list(self._tasks):
+                t.cancel()
+            self._core = None
+            self._ready.clear()
+
+    def run(self) -> None:
+        """Run until stop() (or Ctrl-C). Blocks; the GIL is free while idle."""
+        try:
+            asyncio.run(self.serve())
+        except KeyboardInterrupt:
+            pass
+
+    def start(self) -> "Engine":
+        """Serve from a background thread and return once listeners are open."""
+        if self._thread is not None:
+            raise StartError("engine is already running")
+        self._ready.clear()
+        self._start_error = None
+
+        def main() -> None:
+            try:
+                asyncio.run(self.serve())
+            except BaseException as e:  # reported to start()'s caller
+                self._start_error = e
+                self._ready.set()
+
+        self._thread = threading.Thread(target=main, name="mailengine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            self._thread = None
+            raise self._start_error
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let transactions in flight finish (up to timeout
+        seconds), then close. Safe from any thread; waits when serving from
+        start()."""
+        self._stop_timeout = timeout
+        loop, ev = self._loop, self._stop_event
+        if loop is not None and ev is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:
+                pass
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._core is not None and self._core.running
+
+    # -- dispatch -------------------------------------------------------------
+
+    def _on_requests(self) -> None:
+        core = self._core
+        if core is None:
+            return
+        for req in core.drain():
+            try:
+                self._dispatch(req)
+            except Exception:
+                log.exception("mailengine: hook dispatch failed")
+                _answer_error(req)
+
+    def _dispatch(self, req: Any) -> None:
+        kind = req.kind
+        sid, ip, port, listener, helo, auth_user, tls = req.session
+        session = Session(sid, ip, port, listener, helo, auth_user, tls)
+        a1, a2, a3 = req.args
+        if kind == _core.EVENT_RECEIVED:
+            env = parse_envelope(a2 or "")
+            event = ReceivedEvent(a1, env, int(a3 or 0), session)
+            req.reply(_core.ACCEPT)
+            for cb in self._received_callbacks:
+                try:
+                    res = cb(event)
+                    if inspect.isawaitable(res):
+                        self._spawn(res, None)
+                except Exception:
+                    log.exception("mailengine: received callback failed")
+            for q in self._received_queues:
+                q.put_nowait(event)
+            return
+        name = _KIND_NAMES[kind]
+        fn = self._hooks.get(name)
+        if fn is None:
+            req.reply(_core.ACCEPT)
+            return
+        if name == "connect":
+            args: tuple[Any, ...] = (session,)
+        elif name == "helo":
+            args = (session, a1)
+        elif name in ("mail_from", "rcpt_to"):
+            args = (session, a1, parse_params(a2))
+        elif name == "data":
+            args = (session, parse_envelope(a1 or ""), req.data)
+        else:  # auth
+            args = (session, a1, a2, a3)
+        try:
+            res = fn(*args)
+        except Exception:
+            log.exception("mailengine: %s hook raised", name)
+            _answer_error(req)
+            return
+        if inspect.isawaitable(res):
+            self._spawn(res, (req, name))
+        else:
+            _answer(req, name, res)
+
+    def _spawn(self, aw: Awaitable[Any], pending: tuple[Any, str] | None) -> None:
+        async def runner() -> None:
+            try:
+                res = await aw
+            except asyncio.CancelledError:
+                if pending:
+                    _answer_error(pending[0])
+                raise
+            except Exception:
+                log.exception("mailengine: %s hook raised", pending[1] if pending else "event")
+                if pending:
+                    _answer_error(pending[0])
+                return
+            if pending:
+                _answer(pending[0], pending[1], res)
+
+        task = asyncio.ensure_future(runner())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _answer(req: Any, name: str, res: Any) -> None:
+    if name == "auth" and isinstance(res, bool):
+        res = Accept() if res else Reject(535, "5.7.8 Error: authentication failed")
+    if res is None or isinstance(res, Accept):
+        req.reply(_core.ACCEPT)
+    elif isinstance(res, Reject):
+        req.reply(_core.REJECT, int(res.code), str(res.text))
+    elif isinstance(res, TempFail):
+        req.reply(_core.TEMPFAIL, int(res.code), str(res.text))
+    else:
+        log.error("mailengine: %s hook returned %r; expected Accept, Reject, TempFail or None",
+                  name, res)
+        _answer_error(req)
+
+
+def _answer_error(req: Any) -> None:
+    try:
+        req.reply(_core.TEMPFAIL, 451, "4.3.0 Error: internal error in policy hook")
+    except RuntimeError:
+        pass  # already answered
+
+
+__all__ = ["Engine", "Envelope", "QueueError"]
