@@ -54,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.allow_plain_auth:
         cfg.allow_plain_auth = True
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    engine = Engine(cfg)
+    engine = Engine(cfg, events=bool(args.print_received))
     if args.print_received:
         @engine.on_received
         def _show(ev: Any) -> None:

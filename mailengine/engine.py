@@ -45,8 +45,11 @@ _KIND_NAMES = {v: k for k, v in _HOOK_KINDS.items()}
 class Engine:
     """A mail engine: listeners, policy hooks, the durable queue."""
 
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(self, config: Config | None = None, *, events: bool = True) -> None:
+        """``events=False`` keeps received events from ever reaching Python
+        (for pure throughput: no per-message Python work at all)."""
         self.config = config if config is not None else Config()
+        self._events = events
         self._hooks: dict[str, Callable[..., Any]] = {}
         self._received_callbacks: list[Callable[[ReceivedEvent], Any]] = []
         self._received_queues: set[asyncio.Queue[ReceivedEvent | None]] = set()
@@ -111,7 +114,8 @@ class Engine:
         mask = 0
         for name in self._hooks:
             mask |= 1 << _HOOK_KINDS[name]
-        mask |= 1 << _core.EVENT_RECEIVED  # cheap: posted after commit, never waited on
+        if self._events or self._received_callbacks:
+            mask |= 1 << _core.EVENT_RECEIVED  # posted after commit, never waited on
         return mask
 
     def _make_core(self) -> Any:

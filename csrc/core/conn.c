@@ -230,6 +230,13 @@ static void conn_flush_run(struct loop_task *t)
             tls_move_out(c);
         }
     }
+    if (c->tls && (c->flags & CONN_CLOSING) &&
+        !(c->flags & (CONN_TLS_BYE | CONN_TLS_HANDSHAKE | CONN_PEER_EOF))) {
+        /* RFC 8446 §6.1: end with close_notify after the last reply. */
+        c->flags |= CONN_TLS_BYE;
+        tls_conn_shutdown(c->tls);
+        tls_move_out(c);
+    }
     if (!(c->flags & CONN_SENDING) && bytebuf_used(&c->out) > 0) {
         struct bytebuf tmp = c->flight;
         c->flight = c->out;

@@ -42,6 +42,7 @@ enum {
     CONN_RECV_PAUSED  = 1u << 6,   /* recv cancelled while input is backed up */
     CONN_PEER_EOF     = 1u << 7,
     CONN_CANCELLING   = 1u << 8,
+    CONN_TLS_BYE      = 1u << 9,   /* our close_notify is queued */
 };
 
 struct conn_addr {

@@ -37,6 +37,8 @@ enum smtp_state {
     ST_TLS,          /* STARTTLS handshake */
 };
 
+enum { DELAYED_535 = 1, DELAYED_421 = 2 };
+
 enum auth_step { AUTH_NONE = 0, AUTH_PLAIN_WAIT, AUTH_LOGIN_USER, AUTH_LOGIN_PASS };
 
 enum {
@@ -78,8 +80,7 @@ struct smtp_session {
     struct smtp_data_scan scan;
     struct spool_rec rec;
     void (*after_hook)(struct smtp_session *s, struct hook_req *r);
-    char pending_reply[600];          /* a reply held back by an auth delay */
-    bool close_after_delay;
+    uint8_t delayed_reply;            /* AUTH failure reply held back by the delay */
 };
 
 static void session_reply(struct smtp_session *s, const char *fmt, ...)
@@ -110,16 +111,16 @@ static void arm_timeout(struct smtp_session *s, uint64_t ms)
 }
 
 /* A transient error that ends the session: 421 then close. */
-static void session_close_421(struct smtp_session *s, const char *text)
+static void session_close_421(struct smtp_session *s, const char *enh, const char *text)
 {
-    session_reply(s, "421 %s %s", text, cfg_of(s)->hostname);
+    session_reply(s, "421 %s %s %s", enh, cfg_of(s)->hostname, text);
     conn_close(&s->conn);
 }
 
 static void count_error(struct smtp_session *s)
 {
     if (++s->errors >= cfg_of(s)->limits.max_errors)
-        session_close_421(s, "4.7.0 Error: too many errors;");
+        session_close_421(s, "4.7.0", "Error: too many errors");
 }
 
 static void txn_reset(struct smtp_session *s)
@@ -915,14 +916,7 @@ static void auth_finish(struct smtp_session *s, const char *user, size_t ulen, b
     s->auth_failures++;
     log_info("smtp", "authentication failed (%u)", s->auth_failures);
     /* Slow down guessing: each failure waits longer before its answer. */
-    if (s->auth_failures >= cfg->limits.max_auth_failures) {
-        snprintf(s->pending_reply, sizeof s->pending_reply,
-                 "421 4.7.0 %s Error: too many authentication failures", cfg->hostname);
-        s->close_after_delay = true;
-    } else {
-        snprintf(s->pending_reply, sizeof s->pending_reply,
-                 "535 5.7.8 Error: authentication failed");
-    }
+    s->delayed_reply = s->auth_failures >= cfg->limits.max_auth_failures ? DELAYED_421 : DELAYED_535;
     uint64_t delay = cfg->limits.auth_fail_delay_ms * s->auth_failures;
     if (delay == 0) {
         auth_delay_fire(s);
@@ -935,13 +929,14 @@ static void auth_finish(struct smtp_session *s, const char *user, size_t ulen, b
 
 static void auth_delay_fire(struct smtp_session *s)
 {
+    uint8_t which = s->delayed_reply;
+    s->delayed_reply = 0;
     s->state = ST_CMD;
-    session_reply(s, "%s", s->pending_reply);
-    s->pending_reply[0] = 0;
-    if (s->close_after_delay) {
-        conn_close(&s->conn);
+    if (which == DELAYED_421) {
+        session_close_421(s, "4.7.0", "Error: too many authentication failures");
         return;
     }
+    session_reply(s, "535 5.7.8 Error: authentication failed");
     arm_timeout(s, cfg_of(s)->limits.command_timeout_ms);
     session_input_resume(s);
 }
@@ -1129,7 +1124,7 @@ static void cmd_starttls(struct smtp_session *s)
     }
     session_reply(s, "220 2.0.0 Ready to start TLS");
     if (conn_start_tls(&s->conn, cfg->tls) < 0) {
-        session_close_421(s, "4.7.0 Error: TLS not available;");
+        session_close_421(s, "4.7.0", "Error: TLS not available");
         return;
     }
     /* RFC 3207 §4.2: forget everything learnt before the handshake. */
@@ -1281,7 +1276,7 @@ static void smtp_on_tls(struct conn *c, int ok)
 static void smtp_on_timeout(struct conn *c)
 {
     struct smtp_session *s = (struct smtp_session *)c;
-    if (s->state == ST_WAIT && !s->pending && s->pending_reply[0]) {
+    if (s->state == ST_WAIT && !s->pending && s->delayed_reply) {
         /* The auth-failure delay ended. */
         auth_delay_fire(s);
         return;
@@ -1291,7 +1286,7 @@ static void smtp_on_timeout(struct conn *c)
         arm_timeout(s, cfg_of(s)->limits.command_timeout_ms);
         return;
     }
-    session_close_421(s, "4.4.2 Error: timeout exceeded;");
+    session_close_421(s, "4.4.2", "Error: timeout exceeded");
 }
 
 static void session_unlink(struct smtp_session *s)
@@ -1355,11 +1350,11 @@ void smtp_session_start(struct worker *w, struct listener_cfg *lc, int fd)
 
     unsigned total = atomic_fetch_add(&e->conns_total, 1) + 1;
     if (w->draining) {
-        session_close_421(s, "4.3.2 Service shutting down;");
+        session_close_421(s, "4.3.2", "Service shutting down");
         return;
     }
     if (cfg->limits.max_connections && total > cfg->limits.max_connections) {
-        session_close_421(s, "4.7.0 Error: too many connections;");
+        session_close_421(s, "4.7.0", "Error: too many connections");
         return;
     }
     if (!config_is_trusted(cfg, &s->conn.peer)) {
@@ -1367,14 +1362,14 @@ void smtp_session_start(struct worker *w, struct listener_cfg *lc, int fd)
         unsigned per = atomic_fetch_add(&e->conns_per_ip[slot], 1) + 1u;
         s->counted_ip = true;
         if (cfg->limits.max_connections_per_ip && per > cfg->limits.max_connections_per_ip) {
-            session_close_421(s, "4.7.0 Error: too many connections from your address;");
+            session_close_421(s, "4.7.0", "Error: too many connections from your address");
             return;
         }
     }
     if (implicit) return;   /* greeting after the handshake */
     if (hook_wanted(s, HOOK_CONNECT)) {
         if (hook_call(s, HOOK_CONNECT, NULL, 0, NULL, 0, NULL, 0, after_connect) < 0)
-            session_close_421(s, "4.3.0 Error: out of memory;");
+            session_close_421(s, "4.3.0", "Error: out of memory");
         return;
     }
     send_greeting(s);
@@ -1388,7 +1383,7 @@ void smtp_sessions_drain(struct worker *w, bool force)
         struct smtp_session *s = container_of(l, struct smtp_session, link);
         bool busy = s->state == ST_DATA || s->state == ST_BDAT || s->pending;
         if (!conn_closing(&s->conn) && (force || !busy))
-            session_close_421(s, "4.3.2 Service shutting down;");
+            session_close_421(s, "4.3.2", "Service shutting down");
         l = next;
     }
 }
