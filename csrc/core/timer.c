@@ -31,6 +31,9 @@ void timer_cancel(struct timer_wheel *w, struct timer *t)
 void timer_arm(struct timer_wheel *w, struct timer *t, uint64_t ms)
 {
     timer_cancel(w, t);
+    /* An empty wheel is not swept while the loop sleeps: catch its clock up
+     * so a new timer is not based on a stale tick. */
+    if (w->armed == 0) w->now_tick = now_tick();
     uint64_t ticks = (ms + TIMER_TICK_MS - 1) / TIMER_TICK_MS;
     if (ticks == 0) ticks = 1;
     /* Base on the wheel's own clock so a timer never lands in a slot that

@@ -64,15 +64,13 @@ for src in "${targets[@]}"; do
     # shellcheck disable=SC2086  # FUZZ_FLAGS is a word list
     "$build/$name" -max_total_time="$seconds" -print_final_stats=1 \
         -artifact_prefix="$build/artifacts/$name/" ${FUZZ_FLAGS:-} \
-        "$build/corpus/$name" "${seeds[@]}" 2>"$build/$name.log"
+        "$build/corpus/$name" ${seeds[@]+"${seeds[@]}"} 2>"$build/$name.log"
     rc=$?
     if [ $rc -eq 0 ]; then
         tail -n 6 "$build/$name.log"
     else
         # the report starts at the sanitizer's or libFuzzer's first line
         sed -n '/^==[0-9]*==\|runtime error\|^INFO: .*deadly\|==ERROR/,$p' "$build/$name.log" | head -n 80
-    fi
-    if [ $rc -ne 0 ]; then
         echo "=== $name: FAILED (exit $rc); log $build/$name.log, inputs in $build/artifacts/$name/"
         failed+=("$name")
     fi

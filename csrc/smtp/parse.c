@@ -113,8 +113,8 @@ static size_t scan_domain(const char *s, size_t n, size_t i)
 }
 
 /* Path "<" [A-d-l ":"] Mailbox ">" or "<>" at s[*pos] == '<' (RFC 5321
- * §4.1.2). The source route is checked and dropped (§4.1.1.3 / appendix C);
- * the mailbox is returned as written. */
+ * §4.1.2). The source route is checked and dropped, as §3.6.1 and
+ * appendix C allow; the mailbox is returned as written. */
 static int parse_path(const char *s, size_t n, size_t *pos,
                       const char **addr, size_t *addr_len)
 {
@@ -156,7 +156,7 @@ static int parse_path(const char *s, size_t n, size_t *pos,
         while (i < n && is_local_char((unsigned char)s[i])) i++;
         if (i == start) return -1;
     }
-    /* No "@domain" is allowed: RFC 5321 §4.1.1.3 <Postmaster>. */
+    /* "@domain" may be missing: RCPT TO:<Postmaster> (RFC 5321 §4.1.1.3). */
     if (i < n && s[i] == '@') {
         i = scan_domain(s, n, i + 1);
         if (!i) return -1;

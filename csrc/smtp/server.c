@@ -446,6 +446,24 @@ oom:
     session_reply(s, "451 4.3.0 Error: out of memory");
 }
 
+/* RFC 3461 §4.1: NEVER alone, or a list of SUCCESS, FAILURE, DELAY. */
+static bool notify_ok(const char *v, size_t n)
+{
+    if (n == 5 && strncasecmp(v, "NEVER", 5) == 0) return true;
+    const char *end = v + n;
+    while (v < end) {
+        const char *comma = memchr(v, ',', (size_t)(end - v));
+        size_t len = comma ? (size_t)(comma - v) : (size_t)(end - v);
+        if (!((len == 7 && strncasecmp(v, "SUCCESS", 7) == 0) ||
+              (len == 7 && strncasecmp(v, "FAILURE", 7) == 0) ||
+              (len == 5 && strncasecmp(v, "DELAY", 5) == 0)))
+            return false;
+        v += len + (comma ? 1 : 0);
+        if (comma && v == end) return false;
+    }
+    return n > 0;
+}
+
 static void after_rcpt(struct smtp_session *s, struct hook_req *r)
 {
     if (hook_refused(s, r)) {
@@ -475,7 +493,7 @@ static void cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
     for (unsigned i = 0; i < c->nparams; i++) {
         const struct smtp_param *p = &c->params[i];
         if (smtp_param_is(p, "NOTIFY")) {
-            if (!p->val || p->val_len == 0) goto bad_param;
+            if (!p->val || !notify_ok(p->val, p->val_len)) goto bad_param;
         } else if (smtp_param_is(p, "ORCPT")) {
             if (!p->val || !memchr(p->val, ';', p->val_len)) goto bad_param;
         } else {
@@ -739,6 +757,8 @@ static size_t data_input(struct smtp_session *s, const char *p, size_t n)
     return used;
 }
 
+static void bdat_chunk_end(struct smtp_session *s);
+
 static void cmd_bdat(struct smtp_session *s, const struct smtp_cmd *c)
 {
     /* RFC 3030: BDAT size [LAST]. The chunk is always consumed, even when
@@ -766,6 +786,7 @@ static void cmd_bdat(struct smtp_session *s, const struct smtp_cmd *c)
     s->txn_flags |= TXN_BDAT;
     s->state = ST_BDAT;
     arm_timeout(s, cfg_of(s)->limits.data_timeout_ms);
+    if (size == 0) bdat_chunk_end(s);   /* no bytes will come to finish it */
 }
 
 static void bdat_chunk_end(struct smtp_session *s)
@@ -823,10 +844,11 @@ static int b64_val(unsigned char ch)
     return -1;
 }
 
-/* Decode base64 into out (room for len*3/4+3); returns length or -1. */
-static long b64_decode(const char *in, size_t len, char *out)
+/* Decode base64 into out (cap bytes); returns the length, or -1 for bad
+ * base64 or a result that would not fit. */
+static long b64_decode(const char *in, size_t len, char *out, size_t cap)
 {
-    if (len % 4 != 0) return -1;
+    if (len % 4 != 0 || len / 4 * 3 > cap) return -1;
     size_t o = 0;
     for (size_t i = 0; i < len; i += 4) {
         int v[4];
@@ -984,7 +1006,7 @@ static void auth_check(struct smtp_session *s, const char *authz, size_t zlen, c
 static void auth_plain_response(struct smtp_session *s, const char *b64, size_t len)
 {
     char buf[SMTP_AUTH_LINE_MAX];
-    long n = len == 1 && b64[0] == '=' ? 0 : b64_decode(b64, len, buf);
+    long n = len == 1 && b64[0] == '=' ? 0 : b64_decode(b64, len, buf, sizeof buf);
     if (n < 0) {
         session_reply(s, "501 5.5.2 Error: cannot decode response");
         count_error(s);
@@ -1020,7 +1042,7 @@ static void auth_line(struct smtp_session *s, const char *line, size_t len)
         return;
     }
     char buf[SMTP_AUTH_LINE_MAX];
-    long n = b64_decode(line, len, buf);
+    long n = b64_decode(line, len, buf, sizeof buf);
     if (n < 0) {
         session_reply(s, "501 5.5.2 Error: cannot decode response");
         count_error(s);
@@ -1086,7 +1108,7 @@ static void cmd_auth(struct smtp_session *s, const struct smtp_cmd *c)
     } else if (mlen == 5 && strncasecmp(a, "LOGIN", 5) == 0) {
         if (ir) {
             char buf[SMTP_AUTH_LINE_MAX];
-            long n = b64_decode(ir, irlen, buf);
+            long n = b64_decode(ir, irlen, buf, sizeof buf);
             if (n < 0) {
                 session_reply(s, "501 5.5.2 Error: cannot decode response");
                 count_error(s);
@@ -1227,6 +1249,16 @@ static size_t smtp_on_data(struct conn *c, const char *p, size_t n)
             if (!lf) return n;
             used = (size_t)(lf - p) + 1;
             s->discarding = false;
+            if (s->state == ST_AUTH) {
+                /* RFC 4954 §4: an over-long response ends the exchange. */
+                s->state = ST_CMD;
+                s->auth_step = AUTH_NONE;
+                free(s->auth_login_user);
+                s->auth_login_user = NULL;
+                session_reply(s, "500 5.5.6 Error: authentication exchange line is too long");
+                count_error(s);
+                continue;
+            }
             session_reply(s, "500 5.5.2 Error: line too long");
             count_error(s);
             continue;
