@@ -45,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
         cfg.trusted_networks = [] if args.trusted_network == ["none"] else list(args.trusted_network)
     if args.tls_cert or args.tls_key:
         cfg.tls_cert, cfg.tls_key = args.tls_cert, args.tls_key
-    if args.workers:
+    if args.workers is not None:
         cfg.workers = args.workers
     if args.hostname:
         cfg.hostname = args.hostname

@@ -149,10 +149,16 @@ class Engine:
         finally:
             timeout = self._stop_timeout
             core.stop(timeout)
-            # Hooks still pending are answered while the workers drain.
+            # Hooks still pending are answered while the workers drain; at
+            # the deadline, hooks still running are cancelled (they answer
+            # 451) so that no worker waits on Python.
             join = asyncio.ensure_future(asyncio.to_thread(core.join))
+            deadline = self._loop.time() + timeout
             while not join.done():
                 self._on_requests()
+                if self._loop.time() >= deadline:
+                    for t in list(self._tasks):
+                        t.cancel()
                 await asyncio.wait([join], timeout=0.05)
             self._loop.remove_reader(core.fileno())
             self._on_requests()
@@ -299,7 +305,13 @@ class Engine:
 
 def _answer(req: Any, name: str, res: Any) -> None:
     if name == "auth" and isinstance(res, bool):
-        res = Accept() if res else Reject(535, "5.7.8 Error: authentication failed")
+        # True: the credentials are good. False: they are not. None or
+        # Accept(): let the engine's user table decide.
+        if res:
+            req.reply(_core.AUTHENTICATED)
+        else:
+            req.reply(_core.REJECT, 535, "5.7.8 Error: authentication failed")
+        return
     if res is None or isinstance(res, Accept):
         req.reply(_core.ACCEPT)
     elif isinstance(res, Reject):

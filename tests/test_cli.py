@@ -292,10 +292,7 @@ def serve_briefly(tmp_path: Path, *args: str, timeout: float = 15) -> tuple[int 
     (("--smtp", "127.0.0.1:{port}", "--tls-cert", "/nonexistent/cert.pem",
       "--tls-key", "/nonexistent/key.pem"), "tls_cert", 1),
     (("--smtp", "127.0.0.1:{port}", "--workers", "300"), "workers", 1),
-    pytest.param(("--smtp", "127.0.0.1:{port}", "--workers", "0"), "workers", 1, marks=pytest.mark.xfail(
-        strict=True, reason="BUG: cli.py _serve() applies --workers only `if args.workers:`, so "
-        "`--workers 0` is silently ignored (the server starts with the CPU count) instead of "
-        "failing with 'workers: must be a whole number from 1 to 256'"), id="workers-0"),
+    (("--smtp", "127.0.0.1:{port}", "--workers", "0"), "workers", 1),
     (("--config", "/nonexistent/me.toml"), "config", 1),
 ])
 def test_serve_bad_flags(tmp_path, args, needle, rc):
@@ -521,7 +518,7 @@ def test_sigterm_drains_open_data(cli_server):
 
 
 def next_second() -> None:
-    """Queue ids only differ across restarts in different seconds (see the xfail below)."""
+    """Start the next run in a new second (ids must be unique even without this)."""
     time.sleep(1.02 - time.time() % 1)
 
 
@@ -544,12 +541,6 @@ def test_spool_survives_restart(cli_server):
     assert srv3.stop() == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: queue ids repeat after a restart within the same second: spool.c spool_assign_id() "
-    "makes ids from the engine's start time in whole seconds (s->id_time = time(NULL) at "
-    "spool_open), the worker number and a counter that starts at 0 on every start, so the "
-    "first message after a quick restart (e.g. a crash loop) gets the id of the previous run's "
-    "first message; `queue show/delete ID` and received events then name two messages"))
 def test_queue_ids_unique_across_quick_restart(tmp_path):
     from conftest import Ports, make_config
     from mailengine import Engine

@@ -319,10 +319,6 @@ def test_no_auth_hook_uses_user_table(engine_factory, ports):
         assert s.docmd("AUTH", "PLAIN " + plain_ir("alice@example.test", "secret"))[0] == 235
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: server.c auth_line()/cmd_auth() route AUTH LOGIN through auth_check(), which "
-    "always calls the auth hook with mechanism \"PLAIN\" (hook_call(s, HOOK_AUTH, \"PLAIN\", 5, ...)); "
-    "the hook gets 'PLAIN' for an AUTH LOGIN exchange"))
 def test_auth_hook_login_mechanism(engine_factory, ports):
     calls = []
     engine_factory(hooks={"auth": lambda s, m, u, p: calls.append((m, u, p)) or True})
@@ -333,11 +329,6 @@ def test_auth_hook_login_mechanism(engine_factory, ports):
     assert calls == [("LOGIN", "alice@example.test", "secret")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (security): an auth hook that returns None/Accept() authenticates the client with ANY "
-    "password. server.c after_auth_hook() treats HOOK_ACCEPT as success instead of going on "
-    "with the engine's own check (Accept is documented as 'go on as the engine's own policy "
-    "says'); a logging-only auth hook opens relaying to everyone"))
 @pytest.mark.parametrize("result", [None, Accept()], ids=["none", "accept"])
 def test_auth_hook_accept_falls_back_to_user_table(engine_factory, ports, result):
     engine_factory(hooks={"auth": lambda s, m, u, p: result})
@@ -346,11 +337,6 @@ def test_auth_hook_accept_falls_back_to_user_table(engine_factory, ports, result
         assert s.docmd("AUTH", "PLAIN " + plain_ir("alice@example.test", "secret"))[0] == 235
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the auth hook's Reject/TempFail code and text are ignored: server.c after_auth_hook() "
-    "answers any TEMPFAIL with a fixed '454 4.7.0 Temporary authentication failure' and any "
-    "REJECT through auth_finish() with '535 5.7.8 Error: authentication failed', unlike every "
-    "other hook, where the decision's exact reply is sent"))
 @pytest.mark.parametrize("decision,expected", [
     (Reject(550, "5.7.1 no"), REJECT), (TempFail(451, "4.7.1 later"), TEMPFAIL)],
     ids=["reject", "tempfail"])
@@ -729,11 +715,6 @@ def test_port_in_use_is_start_error(engine_factory, ports):
             socket.create_connection((HOST, port), timeout=2).close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: worker.c listen_socket() sets SO_REUSEPORT, so a second engine (or any "
-    "SO_REUSEPORT socket of the same user) binds a port another mailengine already listens on "
-    "and starts without error; the kernel then splits connections between two engines with "
-    "different data directories. Expected StartError"))
 def test_port_used_by_another_engine_is_start_error(engine_factory, ports, tmp_path):
     engine_factory()
     other = Engine(make_config(tmp_path / "other-data", ports))
@@ -826,13 +807,6 @@ max_recipients = 7
     assert not engine.running
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Engine.stop() returns while the listening sockets still exist: a plain bind() of a "
-    "just-stopped engine's port fails with EADDRINUSE for ~5-15 ms (13 of 20 stops here), and a "
-    "connect() in that window is accepted and then reset instead of refused. An idle worker "
-    "stops in on_stop_msg() before its IORING_OP_ASYNC_CANCEL for the armed multishot accept "
-    "has completed, so the ring still holds the listener file when worker_main() close()s it; "
-    "it is only released by the kernel's deferred io_uring teardown after loop_destroy()"))
 def test_port_released_when_stop_returns(tmp_path):
     for i in range(10):
         ports = Ports()
@@ -886,13 +860,6 @@ def run_script(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedP
                           text=True, timeout=60, cwd=tmp_path)
 
 
-@pytest.mark.xfail(ASAN, strict=True, reason=(
-    "BUG: heap-use-after-free when an async hook is still pending at stop()'s deadline: "
-    "Engine.serve() cancels the hook task only after core.join(), whose engine_join() has "
-    "freed e->workers; the runner's CancelledError branch then calls _answer_error() -> "
-    "Request.reply() -> bridge_reply() -> loop_post(r->loop) on the freed worker "
-    "(ASan: heap-use-after-free READ in loop_post csrc/core/loop.c:112), and write()s to the "
-    "worker's already closed inbox eventfd number"))
 def test_hook_pending_past_stop_timeout(tmp_path):
     res = run_script(tmp_path, PENDING_HOOK_SCRIPT, str(free_port()), str(tmp_path / "data"))
     out = res.stdout + res.stderr
@@ -956,13 +923,6 @@ sys.exit(3 if hits else 0)
 '''
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a Request answered after Engine.join() writes into freed memory and into a stale "
-    "file descriptor: request_reply() -> bridge_reply() -> loop_post(r->loop) uses the worker "
-    "loop that engine_join() freed (free(e->workers)) and write()s 8 bytes to its closed "
-    "inbox_fd number, which by then may belong to any other file of the process (here: an "
-    "eventfd opened after join() receives the write). Reachable from the Engine API (see "
-    "test_hook_pending_past_stop_timeout) and from Request.__del__"))
 def test_reply_after_join_is_harmless(tmp_path):
     res = run_script(tmp_path, REPLY_AFTER_JOIN_SCRIPT, str(free_port()), str(tmp_path / "data"))
     out = res.stdout + res.stderr

@@ -48,6 +48,7 @@ static void inbox_arm(struct loop *l)
 int loop_init(struct loop *l, int id, unsigned entries, unsigned nbufs, unsigned bufsize)
 {
     memset(l, 0, sizeof *l);
+    l->inbox_fd = -1;
     l->id = id;
     l->tasks_tail = &l->tasks;
     struct io_uring_params p;
@@ -75,7 +76,7 @@ int loop_init(struct loop *l, int id, unsigned entries, unsigned nbufs, unsigned
         io_uring_queue_exit(&l->ring);
         return rc;
     }
-    l->inbox_fd = eventfd(0, EFD_CLOEXEC);
+    l->inbox_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (l->inbox_fd < 0) {
         rc = -errno;
         bufring_destroy(&l->bufs, &l->ring);
@@ -92,9 +93,17 @@ int loop_init(struct loop *l, int id, unsigned entries, unsigned nbufs, unsigned
 
 void loop_destroy(struct loop *l)
 {
+    l->dead = true;
     bufring_destroy(&l->bufs, &l->ring);
     io_uring_queue_exit(&l->ring);
-    close(l->inbox_fd);
+}
+
+void loop_close_inbox(struct loop *l)
+{
+    l->dead = true;
+    inbox_drain(l);
+    if (l->inbox_fd >= 0) close(l->inbox_fd);
+    l->inbox_fd = -1;
 }
 
 struct io_uring_sqe *loop_sqe(struct loop *l)

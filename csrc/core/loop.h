@@ -52,12 +52,18 @@ struct loop {
 
     struct loop_task *tasks, **tasks_tail;
     void *owner;               /* the worker that runs this loop */
+    bool dead;                 /* ring gone; late messages only free memory */
 };
 
 /* Create the ring (SINGLE_ISSUER|DEFER_TASKRUN when the kernel has them),
  * the receive buffer ring and the inbox. Call on the thread that runs it. */
 int loop_init(struct loop *l, int id, unsigned entries, unsigned nbufs, unsigned bufsize);
+/* Tear down the ring. The inbox stays usable (posts after this are kept)
+ * until loop_close_inbox, so late replies from other threads stay safe. */
 void loop_destroy(struct loop *l);
+/* Run what was posted after loop_destroy (with dead set), then close the
+ * inbox. Call once no other thread can post. */
+void loop_close_inbox(struct loop *l);
 
 /* An SQE, submitting first when the ring is full; never NULL. */
 struct io_uring_sqe *loop_sqe(struct loop *l);

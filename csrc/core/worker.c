@@ -26,7 +26,7 @@ unsigned engine_ip_slot(const struct conn_addr *a)
     return h % ENGINE_IP_SLOTS;
 }
 
-static int listen_socket(const char *host, int port, char *err, size_t errlen)
+static int listen_socket(const char *host, int port, bool probe, char *err, size_t errlen)
 {
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
                              .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
@@ -37,6 +37,20 @@ static int listen_socket(const char *host, int port, char *err, size_t errlen)
     if (rc != 0) {
         snprintf(err, errlen, "cannot resolve listen address %s: %s", host, gai_strerror(rc));
         return -1;
+    }
+    if (probe) {
+        /* SO_REUSEPORT would let us share a port with another engine run by
+         * the same user; a plain bind first tells us the port is free. */
+        int pfd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        int one = 1;
+        if (pfd >= 0) setsockopt(pfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (pfd < 0 || bind(pfd, res->ai_addr, res->ai_addrlen) < 0) {
+            snprintf(err, errlen, "cannot listen on %s:%d: %s", host, port, strerror(errno));
+            if (pfd >= 0) close(pfd);
+            freeaddrinfo(res);
+            return -1;
+        }
+        close(pfd);
     }
     int fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) {
@@ -79,9 +93,19 @@ static void on_accept(struct loop_op *op, struct io_uring_cqe *cqe)
     if (!ls->armed && !ls->w->draining) accept_arm(ls);
 }
 
+static bool worker_accepting(const struct worker *w)
+{
+    for (size_t i = 0; i < w->nlisteners; i++)
+        if (w->listeners[i].armed) return true;
+    return false;
+}
+
 static void worker_check_drained(struct worker *w)
 {
-    if (w->nsessions == 0 && (!w->spool || spool_inflight(w->spool) == 0)) loop_stop(&w->loop);
+    /* The ring holds each listening socket until its accept is cancelled:
+     * wait for that, so the port is free when stop returns. */
+    if (w->nsessions == 0 && (!w->spool || spool_inflight(w->spool) == 0) && !worker_accepting(w))
+        loop_stop(&w->loop);
 }
 
 /* Drain timer: closes what is left when the deadline passes, and checks
@@ -149,7 +173,8 @@ static void *worker_main(void *arg)
     /* Anything still open is closed without ceremony: the process is
      * stopping and the spool holds every acknowledged message. */
     smtp_sessions_drain(w, true);
-    for (int spin = 0; spin < 200 && (w->nsessions > 0 || spool_inflight(w->spool) > 0); spin++) {
+    for (int spin = 0; spin < 200 && (w->nsessions > 0 || spool_inflight(w->spool) > 0 ||
+                                      worker_accepting(w)); spin++) {
         atomic_store(&w->loop.stop, false);
         struct __kernel_timespec ts = {.tv_nsec = 10 * 1000000L};
         struct io_uring_cqe *cqe;
@@ -213,7 +238,7 @@ int engine_start(struct engine *e, char *err, size_t errlen)
             ls->w = w;
             ls->cfg = &cfg->listeners[j];
             ls->accept_op.fn = on_accept;
-            ls->fd = listen_socket(ls->cfg->host, ls->cfg->port, err, errlen);
+            ls->fd = listen_socket(ls->cfg->host, ls->cfg->port, i == 0, err, errlen);
             if (ls->fd < 0) goto fail;
         }
     }
@@ -246,6 +271,8 @@ int engine_start(struct engine *e, char *err, size_t errlen)
         for (int i = 0; i < created; i++)
             if (e->workers[i].init_rc == 0) loop_stop(&e->workers[i].loop);
         for (int i = 0; i < created; i++) pthread_join(e->workers[i].thread, NULL);
+        for (int i = 0; i < created; i++)
+            if (e->workers[i].loop.inbox_fd >= 0) loop_close_inbox(&e->workers[i].loop);
         offload_stop();
         free(e->workers);
         e->workers = NULL;
@@ -275,9 +302,20 @@ void engine_request_stop(struct engine *e, uint64_t timeout_ms)
 
 void engine_join(struct engine *e)
 {
+    if (e->joined) return;
     for (int i = 0; i < e->nworkers; i++) pthread_join(e->workers[i].thread, NULL);
     if (e->nworkers > 0) offload_stop();
-    for (int i = 0; i < e->nworkers; i++) free(e->workers[i].listeners);
+    e->joined = true;
+}
+
+void engine_free(struct engine *e)
+{
+    /* Replies that arrived after a worker ended are run now: they find
+     * their loop dead and only free what they hold. */
+    for (int i = 0; i < e->nworkers; i++) {
+        loop_close_inbox(&e->workers[i].loop);
+        free(e->workers[i].listeners);
+    }
     free(e->workers);
     e->workers = NULL;
     e->nworkers = 0;

@@ -60,6 +60,7 @@ struct engine {
     pthread_cond_t start_cond;
     int started;
     uint64_t stop_deadline_ms;        /* CLOCK_MONOTONIC; draining stop */
+    bool joined;
 };
 
 /* Open listeners, start workers; 0, or -1 with err. */
@@ -67,8 +68,10 @@ int engine_start(struct engine *e, char *err, size_t errlen);
 /* Ask every worker to stop taking connections and finish what is in
  * flight, for at most timeout_ms; then close what remains. */
 void engine_request_stop(struct engine *e, uint64_t timeout_ms);
-/* Wait for the workers (call without the GIL). */
+/* Wait for the workers (call without the GIL). Worker memory stays until
+ * engine_free, so replies to requests still out are safe. */
 void engine_join(struct engine *e);
+/* After engine_join, once nothing can reply any more. */
 void engine_free(struct engine *e);
 
 unsigned engine_ip_slot(const struct conn_addr *a);

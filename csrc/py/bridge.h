@@ -11,7 +11,12 @@
 #include "core/config.h"
 #include "core/loop.h"
 
-enum hook_action { HOOK_ACCEPT = 0, HOOK_REJECT, HOOK_TEMPFAIL };
+enum hook_action {
+    HOOK_ACCEPT = 0,      /* go on with the engine's own policy */
+    HOOK_REJECT,
+    HOOK_TEMPFAIL,
+    HOOK_AUTHENTICATED,   /* auth hook: the credentials are good */
+};
 
 /* Session fields every request carries. */
 enum { HARG_SESSION_ID = 0, HARG_PEER_IP, HARG_LISTENER, HARG_HELO, HARG_AUTH_USER,

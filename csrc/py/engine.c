@@ -28,6 +28,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     struct hook_req *req;    /* NULL once replied */
+    PyObject *engine;        /* keeps the workers' memory alive until we reply */
 } RequestObject;
 
 /* ---- Request ---- */
@@ -80,7 +81,7 @@ static PyObject *request_reply(RequestObject *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "request already answered");
         return NULL;
     }
-    if (action < HOOK_ACCEPT || action > HOOK_TEMPFAIL) {
+    if (action < HOOK_ACCEPT || action > HOOK_AUTHENTICATED) {
         PyErr_SetString(PyExc_ValueError, "unknown hook action");
         return NULL;
     }
@@ -109,6 +110,7 @@ static void request_dealloc(RequestObject *self)
         snprintf(r->text, sizeof r->text, "4.3.0 Error: policy hook gave no answer");
         bridge_reply(r);
     }
+    Py_CLEAR(self->engine);
     tp->tp_free(self);
     Py_DECREF(tp);
 }
@@ -481,6 +483,7 @@ static PyObject *engine_drain(EngineObject *self, PyObject *unused)
             return NULL;
         }
         ro->req = r;
+        ro->engine = Py_NewRef((PyObject *)self);
         PyList_Append(list, (PyObject *)ro);
         Py_DECREF(ro);
         r = next;
@@ -530,6 +533,7 @@ static void engine_dealloc(EngineObject *self)
         engine_join(&self->eng);
         Py_END_ALLOW_THREADS
     }
+    if (self->eng.workers) engine_free(&self->eng);
     if (self->bridge.efd >= 0) bridge_destroy(&self->bridge);
     config_free(&self->cfg);
     Py_CLEAR(self->request_type);

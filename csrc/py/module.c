@@ -192,7 +192,8 @@ static int module_exec(PyObject *mod)
         PyModule_AddIntConstant(mod, "EVENT_RECEIVED", EVENT_RECEIVED) < 0 ||
         PyModule_AddIntConstant(mod, "ACCEPT", HOOK_ACCEPT) < 0 ||
         PyModule_AddIntConstant(mod, "REJECT", HOOK_REJECT) < 0 ||
-        PyModule_AddIntConstant(mod, "TEMPFAIL", HOOK_TEMPFAIL) < 0)
+        PyModule_AddIntConstant(mod, "TEMPFAIL", HOOK_TEMPFAIL) < 0 ||
+        PyModule_AddIntConstant(mod, "AUTHENTICATED", HOOK_AUTHENTICATED) < 0)
         return -1;
     return 0;
 }

@@ -159,6 +159,37 @@ static int segment_open_next(struct spool *s)
 
 static void commit_run(struct loop_task *t);
 
+/* Queue ids are epoch | worker | counter. The epoch is the start time in
+ * seconds, but never one an earlier start of this worker used, so a quick
+ * restart (a crash loop) cannot repeat an id. */
+static int id_epoch_next(struct spool *s)
+{
+    char path[4200], tmp[4210], buf[32];
+    snprintf(path, sizeof path, "%s/epoch", s->dir);
+    snprintf(tmp, sizeof tmp, "%s/epoch.tmp", s->dir);
+    uint32_t epoch = (uint32_t)time(NULL), last = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        ssize_t n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (n > 0) {
+            buf[n] = 0;
+            last = (uint32_t)strtoul(buf, NULL, 16);
+        }
+    }
+    if (epoch <= last) epoch = last + 1;
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) return -errno;
+    int n = snprintf(buf, sizeof buf, "%08x\n", epoch);
+    int rc = 0;
+    if (write(fd, buf, (size_t)n) != n || fdatasync(fd) < 0) rc = errno ? -errno : -EIO;
+    close(fd);
+    if (rc == 0 && rename(tmp, path) < 0) rc = -errno;
+    if (rc == 0) rc = fsync_dir(s->dir);
+    if (rc == 0) s->id_time = epoch;
+    return rc;
+}
+
 static void on_sync(struct loop_op *op, struct io_uring_cqe *cqe)
 {
     struct spool *s = (struct spool *)((char *)op - offsetof(struct spool, sync_op));
@@ -256,7 +287,14 @@ struct spool *spool_open(struct loop *l, const char *data_dir, int worker, char 
         free(s);
         return NULL;
     }
-    s->id_time = (uint32_t)time(NULL);
+    rc = id_epoch_next(s);
+    if (rc < 0) {
+        snprintf(err, errlen, "spool directory %s: cannot record the id epoch: %s", s->dir,
+                 strerror(-rc));
+        close(s->fd);
+        free(s);
+        return NULL;
+    }
     return s;
 }
 

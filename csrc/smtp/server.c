@@ -160,6 +160,13 @@ static void hook_done(struct hook_req *r)
 {
     struct smtp_session *s = r->owner;
     s->pending = false;
+    if (s->w->loop.dead) {
+        /* The worker has ended: nothing to answer, nothing safe to touch
+         * but memory. */
+        hook_req_free(r);
+        if (s->closed) session_free(s);
+        return;
+    }
     if (s->closed) {
         hook_req_free(r);
         session_free(s);
@@ -896,6 +903,12 @@ static void auth_job_done(struct loop *l, struct loop_msg *m)
     s->pending = false;
     explicit_bzero(a->password, strlen(a->password));
     free(a->password);
+    if (s->closed || s->w->loop.dead) {
+        bool closed = s->closed;
+        free(a);
+        if (closed) session_free(s);
+        return;
+    }
     if (s->closed) {
         free(a);
         session_free(s);
@@ -906,16 +919,36 @@ static void auth_job_done(struct loop *l, struct loop_msg *m)
     free(a);
 }
 
+static void auth_builtin(struct smtp_session *s, const char *user, size_t ulen, const char *pass,
+                         size_t plen);
+
+/* The auth hook decides: AUTHENTICATED (True) logs in, ACCEPT (None or
+ * Accept()) leaves it to the user table, REJECT/TEMPFAIL answer as told. */
 static void after_auth_hook(struct smtp_session *s, struct hook_req *r)
 {
-    bool ok = r->action == HOOK_ACCEPT;
-    if (!ok && r->action == HOOK_TEMPFAIL) {
-        free(s->auth_login_user);
-        s->auth_login_user = NULL;
-        session_reply(s, "454 4.7.0 Temporary authentication failure");
-        return;
+    const char *user = r->args[HARG_2];
+    size_t ulen = r->arg_lens[HARG_2];
+    switch (r->action) {
+    case HOOK_AUTHENTICATED:
+        auth_finish(s, user, ulen, true);
+        break;
+    case HOOK_ACCEPT:
+        auth_builtin(s, user, ulen, r->args[HARG_3], r->arg_lens[HARG_3]);
+        break;
+    case HOOK_REJECT:
+        if (r->code == 0 || r->code == 535) {
+            auth_finish(s, user, ulen, false);
+            break;
+        }
+        s->auth_failures++;
+        hook_refused(s, r);
+        if (s->auth_failures >= cfg_of(s)->limits.max_auth_failures)
+            session_close_421(s, "4.7.0", "Error: too many authentication failures");
+        break;
+    default:
+        hook_refused(s, r);
     }
-    auth_finish(s, r->args[HARG_2], r->arg_lens[HARG_2], ok);
+    explicit_bzero((char *)r->args[HARG_3], r->arg_lens[HARG_3]);
 }
 
 static void auth_delay_fire(struct smtp_session *s);
@@ -963,21 +996,29 @@ static void auth_delay_fire(struct smtp_session *s)
     session_input_resume(s);
 }
 
-static void auth_check(struct smtp_session *s, const char *authz, size_t zlen, const char *user,
-                       size_t ulen, const char *pass, size_t plen)
+static void auth_check(struct smtp_session *s, const char *mech, const char *user, size_t ulen,
+                       const char *pass, size_t plen)
 {
-    (void)authz;
-    (void)zlen;
+    free(s->auth_login_user);
+    s->auth_login_user = NULL;
+    if (hook_wanted(s, HOOK_AUTH)) {
+        if (hook_call(s, HOOK_AUTH, mech, strlen(mech), user, ulen, pass, plen, after_auth_hook) < 0)
+            session_reply(s, "454 4.7.0 Temporary authentication failure");
+        return;
+    }
+    auth_builtin(s, user, ulen, pass, plen);
+}
+
+/* Check against the user table on the offload thread: the hash is slow
+ * on purpose and must not stall the worker. */
+static void auth_builtin(struct smtp_session *s, const char *user, size_t ulen, const char *pass,
+                         size_t plen)
+{
     struct me_config *cfg = cfg_of(s);
     free(s->auth_login_user);
     s->auth_login_user = strndup(user, ulen);
     if (!s->auth_login_user) {
         session_reply(s, "454 4.7.0 Temporary authentication failure");
-        return;
-    }
-    if (hook_wanted(s, HOOK_AUTH)) {
-        if (hook_call(s, HOOK_AUTH, "PLAIN", 5, user, ulen, pass, plen, after_auth_hook) < 0)
-            session_reply(s, "454 4.7.0 Temporary authentication failure");
         return;
     }
     const char *hash = users_find(cfg->users, user, ulen);
@@ -1022,7 +1063,9 @@ static void auth_plain_response(struct smtp_session *s, const char *b64, size_t 
     }
     u++;
     p++;
-    auth_check(s, z, (size_t)(u - 1 - z), u, (size_t)(p - 1 - u), p, (size_t)(end - p));
+    /* The authorization identity (z) is not used: we act only as the
+     * authenticated user. */
+    auth_check(s, "PLAIN", u, (size_t)(p - 1 - u), p, (size_t)(end - p));
     explicit_bzero(buf, sizeof buf);
 }
 
@@ -1059,7 +1102,7 @@ static void auth_line(struct smtp_session *s, const char *line, size_t len)
     char *user = s->auth_login_user;
     s->auth_login_user = NULL;
     if (!user) return;
-    auth_check(s, "", 0, user, strlen(user), buf, (size_t)n);
+    auth_check(s, "LOGIN", user, strlen(user), buf, (size_t)n);
     free(user);
     explicit_bzero(buf, sizeof buf);
 }
