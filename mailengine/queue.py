@@ -64,12 +64,8 @@ class Queue:
         except OSError as e:
             raise QueueError(f"cannot read the spool in {self.data_dir}: {e}") from None
         out = []
-        for qid, arrival_ms, env, size in rows:
-            mid = None
-            if with_message_id:
-                row = _core.queue_read(self.data_dir, qid)
-                if row is not None:
-                    mid = _message_id(row[3])
+        for qid, arrival_ms, env, size, head in rows:
+            mid = _message_id(head) if with_message_id else None
             out.append(QueuedMessage(qid, arrival_ms / 1000.0,
                                      parse_envelope(env.decode("utf-8", "surrogateescape")),
                                      size, mid))

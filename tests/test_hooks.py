@@ -226,6 +226,10 @@ def test_hook_arguments(engine_factory, ports, mode):
     assert env.rcpt_params == ({"NOTIFY": "SUCCESS,FAILURE"}, {})
     assert isinstance(message, bytes)
     assert message == MESSAGE        # CRLF kept, dot-stuffing undone, no Received: yet
+    # The envelope is complete when the data hook runs, queue id included.
+    assert env.queue_id == queue_id
+    assert env.client_ip == "127.0.0.1" and env.helo == "client.test"
+    assert env.listener.startswith("mx") and env.protocol == "ESMTP"
 
     entry, raw = engine.queue.show(queue_id)
     assert entry.envelope.rcpt_tos == env.rcpt_tos

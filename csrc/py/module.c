@@ -15,6 +15,8 @@
 
 /* ---- queue files ---- */
 
+#define QUEUE_HEAD_MAX 65536
+
 struct list_ctx {
     PyObject *list;
     int failed;
@@ -23,8 +25,14 @@ struct list_ctx {
 static int list_cb(const struct spool_entry *e, void *arg)
 {
     struct list_ctx *lc = arg;
-    PyObject *t = Py_BuildValue("(sKy#n)", e->id, (unsigned long long)e->arrival_ms, e->env,
-                                (Py_ssize_t)e->env_len, (Py_ssize_t)e->msg_len);
+    /* The header section (bounded) comes along so callers can show the
+     * Message-ID without reading every message again. */
+    size_t head = e->msg_len < QUEUE_HEAD_MAX ? e->msg_len : QUEUE_HEAD_MAX;
+    const char *end = memmem(e->msg, head, "\r\n\r\n", 4);
+    if (end) head = (size_t)(end - e->msg) + 2;
+    PyObject *t = Py_BuildValue("(sKy#ny#)", e->id, (unsigned long long)e->arrival_ms, e->env,
+                                (Py_ssize_t)e->env_len, (Py_ssize_t)e->msg_len, e->msg,
+                                (Py_ssize_t)head);
     if (!t || PyList_Append(lc->list, t) < 0) {
         Py_XDECREF(t);
         lc->failed = 1;
@@ -166,7 +174,7 @@ static PyObject *py_generate_cert(PyObject *mod, PyObject *args)
 
 static PyMethodDef module_methods[] = {
     {"queue_list", py_queue_list, METH_VARARGS,
-     "queue_list(data_dir) -> [(id, arrival_ms, envelope, size)] of live queued messages"},
+     "queue_list(data_dir) -> [(id, arrival_ms, envelope, size, header_bytes)] of live queued messages"},
     {"queue_read", py_queue_read, METH_VARARGS,
      "queue_read(data_dir, id) -> (id, arrival_ms, envelope, message) or None"},
     {"queue_delete", py_queue_delete, METH_VARARGS,

@@ -627,7 +627,9 @@ static int build_received(struct smtp_session *s, const char *id)
     return bytebuf_append(&s->rcvd, hdr, (size_t)n);
 }
 
-static void spool_message(struct smtp_session *s)
+/* The message is complete: give it its queue id and finish the envelope
+ * (the data hook sees it as it will be spooled). */
+static int envelope_finish(struct smtp_session *s)
 {
     struct spool_rec *rec = &s->rec;
     memset(rec, 0, sizeof *rec);
@@ -642,11 +644,14 @@ static void spool_message(struct smtp_session *s)
         (s->auth_user && env_add(s, 'A', s->auth_user, strlen(s->auth_user), NULL, 0) < 0) ||
         env_add(s, 'L', s->lc->name, strlen(s->lc->name), NULL, 0) < 0 ||
         env_add(s, 'P', received_proto(s), strlen(received_proto(s)), NULL, 0) < 0 ||
-        build_received(s, rec->id) < 0) {
-        session_reply(s, "451 4.3.0 Error: out of memory");
-        txn_reset(s);
-        return;
-    }
+        build_received(s, rec->id) < 0)
+        return -1;
+    return 0;
+}
+
+static void spool_message(struct smtp_session *s)
+{
+    struct spool_rec *rec = &s->rec;
     rec->iov[1].iov_base = bytebuf_head(&s->env);
     rec->iov[1].iov_len = bytebuf_used(&s->env);
     rec->iov[2].iov_base = bytebuf_head(&s->rcvd);
@@ -687,6 +692,11 @@ static void message_complete(struct smtp_session *s, uint32_t scan_flags)
     if (scan_flags & SMTP_DATA_LONG_LINE) {
         session_reply(s, "552 5.3.4 Error: message line longer than %zu octets",
                       cfg_of(s)->limits.max_text_line);
+        txn_reset(s);
+        return;
+    }
+    if (envelope_finish(s) < 0) {
+        session_reply(s, "451 4.3.0 Error: out of memory");
         txn_reset(s);
         return;
     }
