@@ -40,6 +40,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -235,6 +236,8 @@ def main():
     ap.add_argument("--sender", default="sender@bench.test")
     ap.add_argument("--rcpt", default="rcpt@relay.example")
     ap.add_argument("--timeout", type=float, default=900, help="time limit per run, seconds")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per target and mode (fresh server each); the median is reported")
     ap.add_argument("--keep", action="store_true", help="keep data directories")
     ap.add_argument("--strict", action="store_true", help="exit 1 when mailengine fails")
     args, unknown = ap.parse_known_args()
@@ -242,8 +245,9 @@ def main():
         bl.note(f"ignoring unknown arguments: {' '.join(unknown)}")
     if args.quick and "--messages" not in sys.argv:
         args.messages = 2000
-    if not (1 <= args.sessions <= 1000 and 1 <= args.messages <= 1_000_000):
-        ap.error("--sessions must be 1..1000 and --messages 1..1000000")
+    if not (1 <= args.sessions <= 1000 and 1 <= args.messages <= 1_000_000
+            and 1 <= args.repeat <= 20):
+        ap.error("--sessions must be 1..1000, --messages 1..1000000, --repeat 1..20")
     targets = [t.strip() for t in args.only.split(",") if t.strip()] or list(ORDER)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for t in targets:
@@ -271,7 +275,15 @@ def main():
         for name in ORDER:
             if name not in targets or name in skipped:
                 continue
-            rate, status = run_one(name, mode, args)
+            runs = []
+            for i in range(args.repeat):
+                rate, status = run_one(name, mode, args)
+                if status != "ok":
+                    break
+                runs.append(rate)
+            if status == "ok" and args.repeat > 1:
+                rate = statistics.median(runs)
+                bl.note(f"{name}/{mode}: runs {', '.join(f'{r:.0f}' for r in runs)} msg/s; median {rate:.0f}")
             key = f"receive.{mode}.{name}"
             if status.startswith("skip:"):
                 skipped.add(name)

@@ -671,7 +671,7 @@ class MailengineTarget(Target):
     def count(self):
         cmd = [MAILENGINE, "queue", "list", "--data", self.data, "--json"]
         try:
-            r = subprocess.run(cmd, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
+            r = subprocess.run(cmd, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             note("mailengine queue list timed out")
             return None

@@ -178,14 +178,14 @@ class Config:
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
         lim = self.limits
-        if lim.max_command_line < 512:
-            raise ConfigError("limits.max_command_line", "must be at least 512 (RFC 5321 4.5.3.1.4)")
-        if lim.max_text_line < 1000:
-            raise ConfigError("limits.max_text_line", "must be at least 1000 (RFC 5321 4.5.3.1.6)")
         for f in fields(Limits):
             v = getattr(lim, f.name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"limits.{f.name}", "must be a non-negative number")
+        if lim.max_command_line < 512:
+            raise ConfigError("limits.max_command_line", "must be at least 512 (RFC 5321 4.5.3.1.4)")
+        if lim.max_text_line < 1000:
+            raise ConfigError("limits.max_text_line", "must be at least 1000 (RFC 5321 4.5.3.1.6)")
         for name in ("command_timeout", "data_timeout"):
             if getattr(lim, name) <= 0:
                 raise ConfigError(f"limits.{name}", "must be positive")
@@ -246,6 +246,9 @@ def _user(i: int, item: Any) -> User:
         return item
     if not isinstance(item, dict) or "address" not in item:
         raise ConfigError(f"users[{i}]", "must be a table with address and password_hash (or password)")
+    for key in item:
+        if key not in {"address", "password", "password_hash"}:
+            raise ConfigError(f"users[{i}].{key}", "unknown setting")
     if "password" in item:
         from . import _core
 

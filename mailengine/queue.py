@@ -73,7 +73,10 @@ class Queue:
 
     def show(self, queue_id: str) -> tuple[QueuedMessage, bytes]:
         """The message's queue entry and its bytes (Received: header first)."""
-        row = _core.queue_read(self.data_dir, queue_id)
+        try:
+            row = _core.queue_read(self.data_dir, queue_id)
+        except OSError as e:
+            raise QueueError(f"cannot read the spool in {self.data_dir}: {e}") from None
         if row is None:
             raise QueueError(f"no queued message {queue_id!r}")
         qid, arrival_ms, env, raw = row

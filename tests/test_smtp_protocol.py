@@ -913,3 +913,65 @@ def test_authenticated_submission_may_relay(engine_factory, ports):
         assert s.sendmail(USER, ["friend@elsewhere.test"], MSG) == {}
     entry, _ = only_message(eng)
     assert entry.envelope.rcpt_tos == ("friend@elsewhere.test",)
+
+
+def test_bad_parameter_reply_names_the_bad_one(engine, ports):
+    with session(ports.mx) as r:
+        code, text = r.cmd("MAIL FROM:<bob@sender.test> BODY=8BITMIME SIZE=abc")
+        assert code == 501 and "SIZE" in text and "BODY" not in text
+        assert r.cmd("MAIL FROM:<bob@sender.test>")[0] == 250
+        code, text = r.cmd("RCPT TO:<alice@example.test> ORCPT=rfc822;a@b NOTIFY=SOMETIMES")
+        assert code == 501 and "NOTIFY" in text
+
+
+def test_connect_hook_runs_for_implicit_tls(engine_factory, ports):
+    seen = []
+
+    def connect(session):
+        seen.append(session.tls)
+        return None
+
+    engine_factory(hooks={"connect": connect})
+    with Raw(ports.smtps, tls=True) as r:
+        assert r.reply()[0] == 220
+    assert seen == [True]
+
+
+def test_accept_pauses_when_out_of_descriptors(tmp_path, ports):
+    """With the descriptor limit reached, the server neither spins nor dies:
+    it serves again once connections go away."""
+    import resource
+    import sys
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailengine", "serve", "--data", str(tmp_path / "d"),
+         "--smtp", f"127.0.0.1:{ports.mx}", "--workers", "1", "--domain", "example.test"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=low_limit)
+    try:
+        assert proc.stdout is not None
+        for _ in range(50):
+            if "ready" in proc.stdout.readline():
+                break
+        socks = []
+        for _ in range(80):   # more than the server can hold
+            socks.append(socket.create_connection(("127.0.0.1", ports.mx), timeout=5))
+        time.sleep(1.0)
+        stat = open(f"/proc/{proc.pid}/stat").read().split()
+        busy_before = int(stat[13]) + int(stat[14])
+        time.sleep(1.0)
+        stat = open(f"/proc/{proc.pid}/stat").read().split()
+        busy_after = int(stat[13]) + int(stat[14])
+        # A spinning accept loop burns a whole core (about 100 ticks a second).
+        assert busy_after - busy_before < 50
+        for s in socks:
+            s.close()
+        time.sleep(0.5)
+        with session(ports.mx) as r:
+            assert r.cmd("NOOP")[0] == 250
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()

@@ -79,6 +79,12 @@ static void accept_arm(struct listener *ls)
     ls->armed = true;
 }
 
+static void accept_retry(struct timer *t)
+{
+    struct listener *ls = container_of(t, struct listener, retry);
+    if (!ls->armed && !ls->w->draining) accept_arm(ls);
+}
+
 static void on_accept(struct loop_op *op, struct io_uring_cqe *cqe)
 {
     struct listener *ls = container_of(op, struct listener, accept_op);
@@ -87,6 +93,14 @@ static void on_accept(struct loop_op *op, struct io_uring_cqe *cqe)
     if (res >= 0) {
         if (ls->w->draining) close(res);
         else smtp_session_start(ls->w, ls->cfg, res);
+    } else if (res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM) {
+        /* Out of descriptors or memory: pause accepting for a moment
+         * instead of spinning; waiting clients stay in the backlog. */
+        if (!timer_armed(&ls->retry))
+            log_warn("accept", "%s: %s; pausing accepts for 100 ms", ls->cfg->name, strerror(-res));
+        ls->retry.fn = accept_retry;
+        if (!ls->armed) timer_arm(&ls->w->loop.timers, &ls->retry, 100);
+        return;
     } else if (res != -ECANCELED && res != -EAGAIN && res != -EINTR) {
         log_warn("accept", "%s: %s", ls->cfg->name, strerror(-res));
     }
@@ -203,6 +217,20 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
+/* Close and free every listener socket still open (a failed start). */
+static void close_listeners(struct engine *e)
+{
+    for (int i = 0; i < e->nworkers; i++) {
+        struct worker *w = &e->workers[i];
+        if (!w->listeners) continue;
+        for (size_t j = 0; j < w->nlisteners; j++)
+            if (w->listeners[j].fd > 0) close(w->listeners[j].fd);
+        free(w->listeners);
+        w->listeners = NULL;
+    }
+    free(e->workers);
+}
+
 int engine_start(struct engine *e, char *err, size_t errlen)
 {
     struct me_config *cfg = e->cfg;
@@ -217,6 +245,8 @@ int engine_start(struct engine *e, char *err, size_t errlen)
     long live = spool_recover(cfg->data_dir);
     if (live < 0) {
         snprintf(err, errlen, "spool recovery in %s failed: %s", cfg->data_dir, strerror((int)-live));
+        free(e->workers);
+        e->workers = NULL;
         return -1;
     }
     if (live > 0) log_info("spool", "%ld queued message(s) recovered", live);
@@ -274,21 +304,18 @@ int engine_start(struct engine *e, char *err, size_t errlen)
         for (int i = 0; i < created; i++)
             if (e->workers[i].loop.inbox_fd >= 0) loop_close_inbox(&e->workers[i].loop);
         offload_stop();
-        free(e->workers);
+        /* Workers that ran closed their own sockets; the rest are ours. */
+        for (int i = 0; i < created; i++)
+            if (e->workers[i].init_rc == 0) e->workers[i].nlisteners = 0;
+        e->nworkers = cfg->workers;
+        close_listeners(e);
         e->workers = NULL;
         e->nworkers = 0;
         return -1;
     }
     return 0;
 fail:
-    for (int i = 0; i < e->nworkers; i++) {
-        struct worker *w = &e->workers[i];
-        if (!w->listeners) continue;
-        for (size_t j = 0; j < w->nlisteners; j++)
-            if (w->listeners[j].fd > 0) close(w->listeners[j].fd);
-        free(w->listeners);
-    }
-    free(e->workers);
+    close_listeners(e);
     e->workers = NULL;
     e->nworkers = 0;
     return -1;

@@ -21,6 +21,7 @@ struct listener {
     struct listener_cfg *cfg;
     int fd;
     bool armed;
+    struct timer retry;      /* re-arm after running out of descriptors */
 };
 
 /* Sessions a worker owns, so stop() can reach every one. */

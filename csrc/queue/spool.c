@@ -6,6 +6,7 @@
 #include "queue/spool.h"
 
 #include <dirent.h>
+#include <stdbool.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -205,7 +206,9 @@ static void on_sync(struct loop_op *op, struct io_uring_cqe *cqe)
     }
     if (err) {
         /* Whatever reached the file after the failure point is a torn
-         * tail; start a clean segment for what comes next. */
+         * tail that readers stop at: nothing may follow it there. */
+        if (s->fd >= 0) close(s->fd);
+        s->fd = -1;
         int rc = segment_open_next(s);
         if (rc < 0) log_error("spool", "worker %d: cannot open a new segment: %s", s->worker, strerror(-rc));
     }
@@ -221,9 +224,10 @@ static void commit_run(struct loop_task *t)
 {
     struct spool *s = (struct spool *)((char *)t - offsetof(struct spool, commit_task));
     if (s->batch || !s->pending) return;   /* the sync in flight restarts us */
-    if (s->offset >= SPOOL_SEGMENT_MAX) {
+    if (s->offset >= SPOOL_SEGMENT_MAX || s->fd < 0) {
+        /* Rotate, or retry after a failure left us without a segment. */
         int rc = segment_open_next(s);
-        if (rc < 0) log_error("spool", "worker %d: cannot rotate segment: %s", s->worker, strerror(-rc));
+        if (rc < 0) log_error("spool", "worker %d: cannot open a new segment: %s", s->worker, strerror(-rc));
     }
     if (s->fd < 0) {
         struct spool_rec *r = s->pending;
@@ -515,6 +519,7 @@ int spool_delete(const char *data_dir, const char *id)
     char log[4800];
     size_t len = strlen(fc.segment);
     snprintf(log, sizeof log, "%.*s.log", (int)(len - 4), fc.segment);
+    bool existed = access(log, F_OK) == 0;
     int fd = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
     if (fd < 0) return -errno;
     char line[64];
@@ -523,6 +528,14 @@ int spool_delete(const char *data_dir, const char *id)
     if (write(fd, line, (size_t)n) != n) res = -EIO;
     if (res == 0 && fdatasync(fd) < 0) res = -errno;
     close(fd);
+    if (res == 0 && !existed) {
+        /* A new log's name must survive a crash too. */
+        char dir[4800];
+        snprintf(dir, sizeof dir, "%s", log);
+        char *slash = strrchr(dir, '/');
+        if (slash) *slash = 0;
+        res = fsync_dir(dir);
+    }
     return res;
 }
 

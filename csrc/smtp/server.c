@@ -381,8 +381,10 @@ static void cmd_mail(struct smtp_session *s, const struct smtp_cmd *c)
         return;
     }
     uint32_t flags = 0;
+    unsigned bad = 0;
     for (unsigned i = 0; i < c->nparams; i++) {
         const struct smtp_param *p = &c->params[i];
+        bad = i;
         if (smtp_param_is(p, "SIZE")) {
             if (!p->val || p->val_len == 0 || p->val_len > 19) goto bad_param;
             unsigned long long v = 0;
@@ -444,7 +446,7 @@ static void cmd_mail(struct smtp_session *s, const struct smtp_cmd *c)
     session_reply(s, "250 2.1.0 Ok");
     return;
 bad_param:
-    session_reply(s, "501 5.5.4 Bad parameter: %.*s", (int)c->params[0].key_len, c->params[0].key);
+    session_reply(s, "501 5.5.4 Bad parameter: %.*s", (int)c->params[bad].key_len, c->params[bad].key);
     count_error(s);
     txn_reset(s);
     return;
@@ -497,8 +499,10 @@ static void cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
         session_reply(s, "452 4.5.3 Error: too many recipients");
         return;
     }
+    unsigned bad = 0;
     for (unsigned i = 0; i < c->nparams; i++) {
         const struct smtp_param *p = &c->params[i];
+        bad = i;
         if (smtp_param_is(p, "NOTIFY")) {
             if (!p->val || !notify_ok(p->val, p->val_len)) goto bad_param;
         } else if (smtp_param_is(p, "ORCPT")) {
@@ -562,7 +566,7 @@ static void cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
     session_reply(s, "250 2.1.5 Ok");
     return;
 bad_param:
-    session_reply(s, "501 5.5.4 Bad parameter: %.*s", (int)c->params[0].key_len, c->params[0].key);
+    session_reply(s, "501 5.5.4 Bad parameter: %.*s", (int)c->params[bad].key_len, c->params[bad].key);
     count_error(s);
 }
 
@@ -1353,9 +1357,18 @@ static void smtp_on_tls(struct conn *c, int ok)
 {
     struct smtp_session *s = (struct smtp_session *)c;
     if (!ok) return;
-    if (s->state == ST_TLS) s->state = ST_CMD;
-    else if (s->lc->kind == LISTENER_SMTPS) send_greeting(s);
     arm_timeout(s, cfg_of(s)->limits.command_timeout_ms);
+    if (s->state == ST_TLS) {
+        s->state = ST_CMD;
+    } else if (s->lc->kind == LISTENER_SMTPS) {
+        /* Implicit TLS: the session starts now, connect hook included. */
+        if (hook_wanted(s, HOOK_CONNECT)) {
+            if (hook_call(s, HOOK_CONNECT, NULL, 0, NULL, 0, NULL, 0, after_connect) < 0)
+                session_close_421(s, "4.3.0", "Error: out of memory");
+            return;
+        }
+        send_greeting(s);
+    }
 }
 
 static void smtp_on_timeout(struct conn *c)
@@ -1367,8 +1380,10 @@ static void smtp_on_timeout(struct conn *c)
         return;
     }
     if (s->state == ST_WAIT && s->pending) {
-        /* Waiting on our own side (hook, spool): not the client's fault. */
-        arm_timeout(s, cfg_of(s)->limits.command_timeout_ms);
+        /* Waiting on our own side (hook, spool): not the client's fault.
+         * Look again in a second (not clamped to the session deadline,
+         * which may have passed while we waited). */
+        conn_set_timeout(&s->conn, 1000);
         return;
     }
     session_close_421(s, "4.4.2", "Error: timeout exceeded");
