@@ -389,6 +389,53 @@ static int idset_has(const struct idset *set, const char *id)
 }
 
 /* Walk one segment: calls cb on live records; counts live and total. */
+size_t spool_records_walk(const void *image, size_t size, spool_scan_cb fn, void *arg)
+{
+    const uint8_t *base = image;
+    size_t off = 0;
+    while (size - off >= 32) {
+        const uint8_t *h = base + off;
+        if (get32(h) != SPOOL_MAGIC || get32(h + 28) != spool_crc32c(0, h, 28)) break;
+        size_t env_len = get32(h + 4);
+        uint64_t msg_len = get64(h + 8);
+        if (env_len > size - off - 32 || msg_len > size - off - 32 - env_len) break;
+        const char *env = (const char *)h + 32;
+        const char *msg = env + env_len;
+        uint32_t crc = spool_crc32c(spool_crc32c(0, env, env_len), msg, msg_len);
+        if (crc != get32(h + 24)) break;
+        off += 32 + env_len + msg_len;
+        char id[SPOOL_ID_LEN + 1];
+        if (env_id(env, env_len, id) < 0) continue;
+        struct spool_entry e = {.id = id, .arrival_ms = get64(h + 16), .env = env,
+                                .env_len = env_len, .msg = msg, .msg_len = msg_len};
+        if (fn(&e, arg)) break;
+    }
+    return off;
+}
+
+struct segment_walk {
+    const struct idset *done;
+    const char *path;
+    spool_scan_cb cb;
+    void *arg;
+    long *live, *total;
+    int stop;
+};
+
+static int segment_record(const struct spool_entry *e, void *arg)
+{
+    struct segment_walk *sw = arg;
+    (*sw->total)++;
+    if (idset_has(sw->done, e->id)) return 0;
+    (*sw->live)++;
+    if (!sw->cb) return 0;
+    struct spool_entry copy = *e;
+    copy.segment = sw->path;
+    sw->stop = sw->cb(&copy, sw->arg);
+    return sw->stop;
+}
+
+/* Walk one segment: calls cb on live records; counts live and total. */
 static int scan_segment(const char *datpath, const char *logpath, spool_scan_cb cb, void *arg,
                         long *live, long *total)
 {
@@ -408,34 +455,12 @@ static int scan_segment(const char *datpath, const char *logpath, spool_scan_cb 
     if (base == MAP_FAILED) return -errno;
     struct idset done;
     idset_load(&done, logpath);
-    size_t size = (size_t)st.st_size, off = 0;
-    int stop = 0;
-    while (!stop && size - off >= 32) {
-        const uint8_t *h = base + off;
-        if (get32(h) != SPOOL_MAGIC || get32(h + 28) != spool_crc32c(0, h, 28)) break;
-        size_t env_len = get32(h + 4);
-        uint64_t msg_len = get64(h + 8);
-        if (env_len > size - off - 32 || msg_len > size - off - 32 - env_len) break;
-        const char *env = (const char *)h + 32;
-        const char *msg = env + env_len;
-        uint32_t crc = spool_crc32c(spool_crc32c(0, env, env_len), msg, msg_len);
-        if (crc != get32(h + 24)) break;
-        off += 32 + env_len + msg_len;
-        char id[SPOOL_ID_LEN + 1];
-        if (env_id(env, env_len, id) < 0) continue;
-        (*total)++;
-        if (idset_has(&done, id)) continue;
-        (*live)++;
-        if (cb) {
-            struct spool_entry e = {.id = id, .arrival_ms = get64(h + 16), .env = env,
-                                    .env_len = env_len, .msg = msg, .msg_len = msg_len,
-                                    .segment = datpath};
-            stop = cb(&e, arg);
-        }
-    }
+    struct segment_walk sw = {.done = &done, .path = datpath, .cb = cb, .arg = arg,
+                              .live = live, .total = total};
+    spool_records_walk(base, (size_t)st.st_size, segment_record, &sw);
     free(done.ids);
-    munmap((void *)base, size);
-    return stop;
+    munmap((void *)base, (size_t)st.st_size);
+    return sw.stop;
 }
 
 typedef int (*segment_fn)(const char *dat, const char *log, void *arg);

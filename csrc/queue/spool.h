@@ -55,6 +55,12 @@ struct spool_entry {
 typedef int (*spool_scan_cb)(const struct spool_entry *e, void *arg);
 long spool_scan(const char *data_dir, spool_scan_cb cb, void *arg);
 
+/* The records of a segment image in memory, in order, stopping at the
+ * first that does not check out (a torn tail) or when fn returns non-zero.
+ * e->segment is NULL. Returns the length of the valid prefix. A pure
+ * parser: it reads only base[0..size). */
+size_t spool_records_walk(const void *base, size_t size, spool_scan_cb fn, void *arg);
+
 /* Mark the message final (deleted) in its segment's state log.
  * 0, -ENOENT if no live record has that id, or -errno. */
 int spool_delete(const char *data_dir, const char *id);
