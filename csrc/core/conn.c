@@ -269,13 +269,11 @@ void conn_init(struct conn *c, struct loop *l, int fd, const struct conn_proto *
     c->send_op.fn = on_send;
     c->flush_task.fn = conn_flush_run;
     c->timer.fn = on_timer;
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    /* TCP_NODELAY comes from the listening socket (Linux passes it on to
+     * accepted sockets); only the peer's address costs a syscall here. */
     struct sockaddr_storage ss;
     socklen_t sl = sizeof ss;
     if (getpeername(fd, (struct sockaddr *)&ss, &sl) == 0) conn_addr_from_sockaddr(&c->peer, &ss);
-    sl = sizeof ss;
-    if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0) conn_addr_from_sockaddr(&c->local, &ss);
     if (tls_ctx) {
         c->tls = tls_conn_new(tls_ctx, 1, NULL);
         if (c->tls) c->flags |= CONN_TLS_HANDSHAKE;

@@ -65,7 +65,7 @@ struct conn {
     struct bytebuf flight;   /* bytes in the send in flight */
     struct bytebuf tls_pt;   /* plaintext waiting to be encrypted */
     struct tls_conn *tls;
-    struct conn_addr peer, local;
+    struct conn_addr peer;
 };
 
 /* Set up c for an accepted socket and start reading. tls_ctx non-NULL
