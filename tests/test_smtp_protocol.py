@@ -613,6 +613,17 @@ def test_starttls_swaks(engine, ports):
     assert re.search(rb"with ESMTPS id ", raw)
 
 
+def test_submission_starttls_auth_login_swaks(engine, ports):
+    res = swaks("--server", f"127.0.0.1:{ports.submission}", "-tls", "--helo", "client.test",
+                "--from", USER, "--to", "bob@elsewhere.test", "--auth", "LOGIN",
+                "--auth-user", USER, "--auth-password", PASSWORD)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "235 2.7.0" in res.stdout
+    entry, raw = only_message(engine)
+    assert entry.envelope.auth_user == USER
+    assert re.search(rb"with ESMTPSA id ", raw)
+
+
 def test_implicit_tls_smtplib(engine, ports):
     with smtplib.SMTP_SSL("127.0.0.1", ports.smtps, timeout=10, context=client_tls()) as s:
         s.ehlo("client.test")
