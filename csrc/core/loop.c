@@ -12,21 +12,12 @@ static void inbox_arm(struct loop *l);
 
 static void inbox_drain(struct loop *l)
 {
-    struct loop_msg *m = atomic_exchange_explicit(&l->inbox, NULL, memory_order_acquire);
-    if (!m) return;
-    /* The stack is newest-first; reverse it so messages run in the order
-     * they were posted. */
-    struct loop_msg *rev = NULL;
-    while (m) {
-        struct loop_msg *next = m->next;
-        m->next = rev;
-        rev = m;
-        m = next;
-    }
-    while (rev) {
-        struct loop_msg *next = rev->next;
-        rev->fn(l, rev);
-        rev = next;
+    struct mpsc_node *n = mpsc_take_all(&l->inbox);
+    while (n) {
+        struct mpsc_node *next = n->next;
+        struct loop_msg *m = (struct loop_msg *)n;
+        m->fn(l, m);
+        n = next;
     }
 }
 
@@ -83,7 +74,7 @@ int loop_init(struct loop *l, int id, unsigned entries, unsigned nbufs, unsigned
         io_uring_queue_exit(&l->ring);
         return rc;
     }
-    atomic_init(&l->inbox, NULL);
+    atomic_init(&l->inbox, (struct mpsc_node *)NULL);
     atomic_init(&l->stop, false);
     l->inbox_op.fn = inbox_on_read;
     timer_wheel_init(&l->timers);
@@ -118,14 +109,7 @@ struct io_uring_sqe *loop_sqe(struct loop *l)
 
 void loop_post(struct loop *l, struct loop_msg *m)
 {
-    struct loop_msg *head = atomic_load_explicit(&l->inbox, memory_order_relaxed);
-    do {
-        m->next = head;
-    } while (!atomic_compare_exchange_weak_explicit(&l->inbox, &head, m, memory_order_release,
-                                                    memory_order_relaxed));
-    /* Only the post that made the stack non-empty needs to wake the loop:
-     * the loop takes the whole stack at once. */
-    if (head == NULL) {
+    if (mpsc_push(&l->inbox, &m->node)) {
         uint64_t one = 1;
         ssize_t w = write(l->inbox_fd, &one, sizeof one);
         (void)w;

@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "core/buf.h"
+#include "core/mpsc.h"
 #include "core/timer.h"
 
 struct loop;
@@ -24,7 +25,7 @@ struct loop_op {
 
 /* A message from another thread; fn runs on the loop's thread. */
 struct loop_msg {
-    struct loop_msg *next;
+    struct mpsc_node node;
     void (*fn)(struct loop *l, struct loop_msg *m);
 };
 
@@ -48,7 +49,7 @@ struct loop {
     int inbox_fd;              /* eventfd */
     uint64_t inbox_val;
     struct loop_op inbox_op;
-    _Atomic(struct loop_msg *) inbox;
+    mpsc_stack inbox;
 
     struct loop_task *tasks, **tasks_tail;
     void *owner;               /* the worker that runs this loop */

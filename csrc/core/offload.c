@@ -3,11 +3,12 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdatomic.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-static _Atomic(struct offload_job *) jobs;
+static mpsc_stack jobs;
 static int job_fd = -1;
 static pthread_t thread;
 static atomic_bool quit;
@@ -19,19 +20,13 @@ static void *offload_main(void *arg)
     for (;;) {
         uint64_t v;
         if (read(job_fd, &v, sizeof v) < 0 && errno != EINTR) break;
-        struct offload_job *j = atomic_exchange(&jobs, NULL);
-        struct offload_job *rev = NULL;
-        while (j) {
-            struct offload_job *next = j->next;
-            j->next = rev;
-            rev = j;
-            j = next;
-        }
-        while (rev) {
-            struct offload_job *next = rev->next;
-            rev->work(rev);
-            loop_post(rev->loop, &rev->msg);
-            rev = next;
+        struct mpsc_node *n = mpsc_take_all(&jobs);
+        while (n) {
+            struct mpsc_node *next = n->next;
+            struct offload_job *j = (struct offload_job *)((char *)n - offsetof(struct offload_job, node));
+            j->work(j);
+            loop_post(j->loop, &j->msg);
+            n = next;
         }
         if (atomic_load(&quit)) break;
     }
@@ -59,13 +54,11 @@ int offload_start(void)
 
 void offload_submit(struct offload_job *j)
 {
-    struct offload_job *head = atomic_load(&jobs);
-    do {
-        j->next = head;
-    } while (!atomic_compare_exchange_weak(&jobs, &head, j));
-    uint64_t one = 1;
-    ssize_t w = write(job_fd, &one, sizeof one);
-    (void)w;
+    if (mpsc_push(&jobs, &j->node)) {
+        uint64_t one = 1;
+        ssize_t w = write(job_fd, &one, sizeof one);
+        (void)w;
+    }
 }
 
 void offload_stop(void)

@@ -5,10 +5,11 @@
 #define CORE_OFFLOAD_H
 
 #include "core/loop.h"
+#include "core/mpsc.h"
 
 struct offload_job {
     struct loop_msg msg;                 /* posted back to `loop` when done */
-    struct offload_job *next;
+    struct mpsc_node node;
     struct loop *loop;
     void (*work)(struct offload_job *j); /* runs on the offload thread */
 };

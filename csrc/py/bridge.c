@@ -9,7 +9,7 @@
 
 int bridge_init(struct bridge *b)
 {
-    atomic_init(&b->head, NULL);
+    atomic_init(&b->head, (struct mpsc_node *)NULL);
     b->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     return b->efd < 0 ? -errno : 0;
 }
@@ -18,7 +18,7 @@ void bridge_destroy(struct bridge *b)
 {
     struct hook_req *r = bridge_take_all(b);
     while (r) {
-        struct hook_req *next = r->next;
+        struct hook_req *next = hook_req_next(r);
         hook_req_free(r);
         r = next;
     }
@@ -50,12 +50,7 @@ void hook_req_free(struct hook_req *r) { free(r); }
 
 void bridge_submit(struct bridge *b, struct hook_req *r)
 {
-    struct hook_req *head = atomic_load_explicit(&b->head, memory_order_relaxed);
-    do {
-        r->next = head;
-    } while (!atomic_compare_exchange_weak_explicit(&b->head, &head, r, memory_order_release,
-                                                    memory_order_relaxed));
-    if (head == NULL) {
+    if (mpsc_push(&b->head, &r->node)) {
         uint64_t one = 1;
         ssize_t w = write(b->efd, &one, sizeof one);
         (void)w;
@@ -67,15 +62,8 @@ struct hook_req *bridge_take_all(struct bridge *b)
     uint64_t v;
     ssize_t rd = read(b->efd, &v, sizeof v);
     (void)rd;
-    struct hook_req *r = atomic_exchange_explicit(&b->head, NULL, memory_order_acquire);
-    struct hook_req *rev = NULL;
-    while (r) {
-        struct hook_req *next = r->next;
-        r->next = rev;
-        rev = r;
-        r = next;
-    }
-    return rev;
+    struct mpsc_node *n = mpsc_take_all(&b->head);
+    return n ? (struct hook_req *)((char *)n - offsetof(struct hook_req, node)) : NULL;
 }
 
 static void reply_on_loop(struct loop *l, struct loop_msg *m)

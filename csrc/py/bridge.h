@@ -24,7 +24,7 @@ enum { HARG_SESSION_ID = 0, HARG_PEER_IP, HARG_LISTENER, HARG_HELO, HARG_AUTH_US
 
 struct hook_req {
     struct loop_msg msg;              /* carries the reply to the worker */
-    struct hook_req *next;            /* bridge stack link */
+    struct mpsc_node node;            /* bridge stack link */
     enum hook_kind kind;
     struct loop *loop;                /* NULL for events (no reply) */
     void (*done)(struct hook_req *r); /* on the loop thread, after reply */
@@ -42,7 +42,7 @@ struct hook_req {
 };
 
 struct bridge {
-    _Atomic(struct hook_req *) head;
+    mpsc_stack head;
     int efd;
 };
 
@@ -55,8 +55,14 @@ void hook_req_free(struct hook_req *r);
 
 /* Worker side: hand r to Python. */
 void bridge_submit(struct bridge *b, struct hook_req *r);
-/* Python side: take every pending request, oldest first. */
+/* Python side: take every pending request, oldest first; walk them with
+ * hook_req_next. */
 struct hook_req *bridge_take_all(struct bridge *b);
+static inline struct hook_req *hook_req_next(const struct hook_req *r)
+{
+    return r->node.next ? (struct hook_req *)((char *)r->node.next - offsetof(struct hook_req, node))
+                        : NULL;
+}
 /* Python side: send the filled-in reply back (events are just freed). */
 void bridge_reply(struct hook_req *r);
 

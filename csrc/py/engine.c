@@ -468,12 +468,12 @@ static PyObject *engine_drain(EngineObject *self, PyObject *unused)
     PyTypeObject *rt = (PyTypeObject *)self->request_type;
     struct hook_req *r = bridge_take_all(&self->bridge);
     while (r) {
-        struct hook_req *next = r->next;
+        struct hook_req *next = hook_req_next(r);
         RequestObject *ro = (RequestObject *)rt->tp_alloc(rt, 0);
         if (!ro) {
             /* Answer what we cannot hand over so no session waits forever. */
             for (; r; r = next) {
-                next = r->next;
+                next = hook_req_next(r);
                 r->action = HOOK_TEMPFAIL;
                 r->code = 451;
                 snprintf(r->text, sizeof r->text, "4.3.0 Error: out of memory");

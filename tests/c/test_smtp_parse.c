@@ -9,19 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                    \
-    do {                                                                    \
-        if (cond) {                                                         \
-            passed++;                                                       \
-        } else {                                                            \
-            failed++;                                                       \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                   \
-            fputc('\n', stderr);                                            \
-        }                                                                   \
-    } while (0)
+#include "check.h"
 
 #define S(lit) lit, sizeof(lit) - 1
 
@@ -771,6 +759,5 @@ int main(void)
     test_data_in_place();
     test_data_exhaustive();
 
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed > 0;
+    return check_summary();
 }

@@ -14,19 +14,7 @@
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                    \
-    do {                                                                    \
-        if (cond) {                                                         \
-            passed++;                                                       \
-        } else {                                                            \
-            failed++;                                                       \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                   \
-            fputc('\n', stderr);                                            \
-        }                                                                   \
-    } while (0)
+#include "check.h"
 
 static char dir[256];
 static char cert_a[300], key_a[300], cert_b[300], key_b[300];
@@ -403,6 +391,5 @@ int main(void)
     test_garbage();
 
     rm_dir();
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed > 0;
+    return check_summary();
 }

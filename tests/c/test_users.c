@@ -9,19 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                    \
-    do {                                                                    \
-        if (cond) {                                                         \
-            passed++;                                                       \
-        } else {                                                            \
-            failed++;                                                       \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                   \
-            fputc('\n', stderr);                                            \
-        }                                                                   \
-    } while (0)
+#include "check.h"
 
 /* passlib 1.7: pbkdf2_sha256.using(rounds=1000, salt=b'0123456789abcdef').hash('pw') */
 static const char PASSLIB_PW[] =
@@ -286,6 +274,5 @@ int main(void)
     test_plain();
     test_unknown();
     test_table();
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed > 0;
+    return check_summary();
 }
