@@ -435,6 +435,8 @@ def test_hashed_password_in_config_file(cli_server, tmp_path):
 def ports_free(*ports: int) -> bool:
     for port in ports:
         with socket.socket() as s:
+            # As the engine does: a port left in TIME_WAIT is free to listen on.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((HOST, port))
             except OSError:

@@ -125,12 +125,23 @@ def test_hook_decision(engine_factory, ports, caplog, name, mode, decision):
             if not (refused and name in ("connect", "helo", "mail_from", "rcpt_to")):
                 steps.append(("data", s.data(MESSAGE)))
             replies = dict(steps)
-            if refused:
+            if refused and name == "connect":
+                # RFC 5321 3.1: a greeting is 220, 554 or 421. After 554 the
+                # session stays, refusing all but QUIT; after 421 it closes.
+                code, text = replies[name]
+                if decision == "reject":
+                    assert (code, text) == (554, EXPECTED[decision][1])
+                    assert s.ehlo("client.test")[0] == 503
+                    assert s.docmd("QUIT")[0] == 221
+                else:
+                    assert (code, text) == (421, EXPECTED[decision][1])
+                    with pytest.raises(smtplib.SMTPServerDisconnected):
+                        s.ehlo("client.test")
+            elif refused:
                 assert replies[name] == EXPECTED[decision]
                 # The refusal took effect: the next step is refused too.
                 if name == "connect":
-                    with pytest.raises(smtplib.SMTPServerDisconnected):
-                        s.ehlo("client.test")
+                    pass
                 elif name == "helo":
                     assert s.mail("bob@sender.test")[0] == 503
                 elif name == "mail_from":
@@ -932,3 +943,20 @@ def test_reply_after_join_is_harmless(tmp_path):
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     assert "hits []" in res.stdout, out
+
+
+def test_stop_twice_from_core_is_harmless(tmp_path):
+    """The C engine's stop() may be called more than once (the second call
+    is a no-op) and join() returns."""
+    from conftest import Ports, make_config
+    from mailengine import _core
+
+    cfg = make_config(tmp_path / "data", Ports())
+    core = _core.Engine(cfg.to_core(0))
+    core.start()
+    core.stop(1.0)
+    core.stop(1.0)
+    t = threading.Thread(target=core.join)
+    t.start()
+    t.join(10)
+    assert not t.is_alive()

@@ -986,3 +986,73 @@ def test_accept_pauses_when_out_of_descriptors(tmp_path, ports):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_half_close_still_gets_every_reply(engine, ports):
+    """A client that pipelines a whole transaction and then shuts down its
+    sending side still receives the 250 and the 221 (no duplicate resend)."""
+    with Raw(ports.mx) as r:
+        assert r.reply()[0] == 220
+        r.send(b"EHLO client.test\r\nMAIL FROM:<bob@sender.test>\r\nRCPT TO:<alice@example.test>\r\n"
+               b"DATA\r\nSubject: half\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        r.sock.shutdown(socket.SHUT_WR)
+        codes = [r.reply()[0] for _ in range(6)]
+        assert codes == [250, 250, 250, 354, 250, 221]
+        assert r.closed()
+    assert len(engine.queue.list()) == 1
+
+
+def test_starttls_forgets_plaintext_login(engine_factory, ports):
+    """RFC 3207 4.2: a login made before STARTTLS does not survive it."""
+    engine_factory(allow_plain_auth=True)
+    with session(ports.submission) as r:
+        assert r.cmd("AUTH PLAIN " + auth_plain())[0] == 235
+        assert r.cmd("STARTTLS")[0] == 220
+        r.starttls()
+        assert r.cmd("EHLO client.test")[0] == 250
+        assert r.cmd("MAIL FROM:<alice@example.test>")[0] == 530
+        assert r.cmd("AUTH PLAIN " + auth_plain())[0] == 235
+
+
+def test_client_that_never_reads_is_held_back(tmp_path, ports):
+    """Pipelining commands without reading the replies cannot make the
+    server buffer replies without bound: it stops reading from that client."""
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailengine", "serve", "--data", str(tmp_path / "d"),
+         "--smtp", f"127.0.0.1:{ports.mx}", "--workers", "1", "--domain", "example.test"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def rss_kib() -> int:
+        for line in open(f"/proc/{proc.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    try:
+        assert proc.stdout is not None
+        for _ in range(50):
+            if "ready" in proc.stdout.readline():
+                break
+        before = rss_kib()
+        sock = socket.create_connection(("127.0.0.1", ports.mx), timeout=5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        flood = b"HELP\r\n" * 10000          # ~1.3 MB of replies per 60 KB sent
+        sent = 0
+        deadline = time.monotonic() + 5
+        while sent < 4 << 20 and time.monotonic() < deadline:   # up to 4 MB
+            try:
+                sent += sock.send(flood)
+            except BlockingIOError:
+                time.sleep(0.01)
+        time.sleep(0.5)
+        grown = rss_kib() - before
+        # Without back-pressure this grows by ~18x what was sent (70 MiB).
+        assert grown < 16 * 1024, f"RSS grew by {grown} KiB after {sent} bytes"
+        sock.close()
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()

@@ -22,9 +22,16 @@
 /* Hard bound on unused input while not suspended: protocols consume or
  * discard lines well before this. */
 #define CONN_IN_MAX_BYTES (1024 * 1024)
+#define CONN_IN_HELD_MAX_BYTES (32 * 1024 * 1024)
 #define CONN_TLS_CHUNK 16384
+/* Output waiting for a peer that does not read: past this, stop taking its
+ * input until it has read most of it. */
+#define CONN_OUT_PAUSE_BYTES (256 * 1024)
+#define CONN_SLICE_BYTES 16384
 
 static void conn_flush_run(struct loop_task *t);
+static void input_resume(struct conn *c);
+static void hold_input(struct conn *c);
 static void conn_maybe_finish(struct conn *c);
 static void conn_abort(struct conn *c);
 
@@ -52,20 +59,35 @@ static void recv_cancel(struct conn *c)
 
 static void schedule_flush(struct conn *c) { loop_defer(c->loop, &c->flush_task); }
 
+static size_t out_backlog(const struct conn *c)
+{
+    return bytebuf_used(&c->out) + bytebuf_used(&c->flight) + bytebuf_used(&c->tls_pt);
+}
+
+/* Input stops while the protocol is suspended or the peer is not reading
+ * what we send. */
+static bool input_held(const struct conn *c) { return c->flags & (CONN_SUSPENDED | CONN_OUT_FULL); }
+
+/* The peer sent EOF: once no buffered input can still become a command,
+ * close (after sending what is queued). */
+static void eof_check(struct conn *c)
+{
+    if ((c->flags & CONN_INPUT_EOF) && !input_held(c) && !conn_closing(c)) conn_close(c);
+}
+
 /* Hand plaintext to the protocol, keeping what it does not use. */
 static void deliver(struct conn *c, const char *p, size_t n)
 {
     bool buffered = false;
-    if (bytebuf_used(&c->in) > 0 || (c->flags & CONN_SUSPENDED)) {
+    if (!(c->flags & CONN_OUT_FULL) && out_backlog(c) > CONN_OUT_PAUSE_BYTES)
+        c->flags |= CONN_OUT_FULL;
+    if (bytebuf_used(&c->in) > 0 || input_held(c)) {
         if (bytebuf_append(&c->in, p, n) < 0) {
             conn_abort(c);
             return;
         }
-        if (c->flags & CONN_SUSPENDED) {
-            if (bytebuf_used(&c->in) > CONN_IN_PAUSE_BYTES) {
-                c->flags |= CONN_RECV_PAUSED;
-                recv_cancel(c);
-            }
+        if (input_held(c)) {
+            hold_input(c);
             return;
         }
         p = bytebuf_head(&c->in);
@@ -74,11 +96,31 @@ static void deliver(struct conn *c, const char *p, size_t n)
     }
     if (n == 0) return;
     bool had_tls = c->tls != NULL;
-    size_t used = c->proto->on_data(c, p, n);
-    if (conn_closing(c) || (c->tls && !had_tls)) {
-        /* Closing, or STARTTLS just began: whatever followed is void. */
-        bytebuf_free(&c->in);
-        return;
+    /* Input goes to the protocol in slices, so a burst of pipelined
+     * commands cannot produce more than a slice's worth of replies past
+     * the output bound before we stop. */
+    size_t used = 0, slice = CONN_SLICE_BYTES;
+    while (used < n) {
+        if (out_backlog(c) > CONN_OUT_PAUSE_BYTES) {
+            c->flags |= CONN_OUT_FULL;
+            break;
+        }
+        size_t len = n - used < slice ? n - used : slice;
+        bool gave_all = used + len == n;
+        size_t k = c->proto->on_data(c, p + used, len);
+        used += k;
+        if (conn_closing(c) || (c->tls && !had_tls)) {
+            /* Closing, or STARTTLS just began: whatever followed is void. */
+            bytebuf_free(&c->in);
+            return;
+        }
+        if (c->flags & CONN_SUSPENDED) break;
+        if (k < len) {
+            if (gave_all) break;      /* the rest is an incomplete line */
+            slice = len * 2;          /* a line crosses the slice: widen it */
+        } else {
+            slice = CONN_SLICE_BYTES;
+        }
     }
     if (buffered) {
         bytebuf_consume(&c->in, used);
@@ -89,8 +131,26 @@ static void deliver(struct conn *c, const char *p, size_t n)
             return;
         }
     }
-    if (bytebuf_used(&c->in) > CONN_IN_MAX_BYTES) {
+    if (input_held(c)) {
+        hold_input(c);
+    } else if (bytebuf_used(&c->in) > CONN_IN_MAX_BYTES) {
+        /* The protocol bounds its lines well below this. */
         log_warn("conn", "input backlog over %d bytes: closing", CONN_IN_MAX_BYTES);
+        conn_abort(c);
+    }
+}
+
+/* While input is held, completions already posted before our cancel takes
+ * effect still arrive (at most the buffer ring's worth per turn). */
+static void hold_input(struct conn *c)
+{
+    if (bytebuf_used(&c->in) > CONN_IN_PAUSE_BYTES && !(c->flags & CONN_RECV_PAUSED)) {
+        c->flags |= CONN_RECV_PAUSED;
+        recv_cancel(c);
+        io_uring_submit(&c->loop->ring);   /* stop the flow now, not at end of turn */
+    }
+    if (bytebuf_used(&c->in) > CONN_IN_HELD_MAX_BYTES) {
+        log_warn("conn", "held input over %d bytes: closing", CONN_IN_HELD_MAX_BYTES);
         conn_abort(c);
     }
 }
@@ -165,15 +225,17 @@ static void on_recv(struct loop_op *op, struct io_uring_cqe *cqe)
         }
         bufring_recycle(&c->loop->bufs, bid);
     } else if (res == 0) {
-        c->flags |= CONN_PEER_EOF;
-        conn_close(c);
+        /* A half-close: the peer may still read the replies to what it
+         * sent, so finish that first. */
+        c->flags |= CONN_INPUT_EOF;
+        eof_check(c);
     } else if (res < 0 && res != -ENOBUFS && res != -ECANCELED) {
         c->flags |= CONN_PEER_EOF;
         conn_abort(c);
     }
     if (!(c->flags & CONN_RECV_ARMED)) {
         if (conn_closing(c)) conn_maybe_finish(c);
-        else if (!(c->flags & (CONN_RECV_PAUSED | CONN_PEER_EOF))) recv_arm(c);
+        else if (!(c->flags & (CONN_RECV_PAUSED | CONN_PEER_EOF | CONN_INPUT_EOF))) recv_arm(c);
     }
 }
 
@@ -208,9 +270,15 @@ static void on_send(struct loop_op *op, struct io_uring_cqe *cqe)
         c->flight = c->out;
         c->out = tmp;
         send_submit(c);
+    } else if (conn_closing(c)) {
+        conn_maybe_finish(c);
         return;
     }
-    if (conn_closing(c)) conn_maybe_finish(c);
+    if ((c->flags & CONN_OUT_FULL) && out_backlog(c) < CONN_OUT_PAUSE_BYTES / 4) {
+        /* The peer reads again: go on with its input. */
+        c->flags &= ~CONN_OUT_FULL;
+        input_resume(c);
+    }
 }
 
 static void conn_flush_run(struct loop_task *t)
@@ -250,7 +318,9 @@ static void on_timer(struct timer *t)
 {
     struct conn *c = container_of(t, struct conn, timer);
     if (conn_closing(c)) {
-        /* The peer would not take our last words in time. */
+        /* The peer would not take our last words in time: a send stuck on
+         * a zero window ends with the socket shut down. */
+        shutdown(c->fd, SHUT_RDWR);
         conn_abort(c);
         conn_maybe_finish(c);
         return;
@@ -320,22 +390,31 @@ const char *conn_tls_cipher(const struct conn *c) { return c->tls ? tls_conn_cip
 
 void conn_suspend(struct conn *c) { c->flags |= CONN_SUSPENDED; }
 
+/* Offer buffered input again and read more, unless input is still held. */
+static void input_resume(struct conn *c)
+{
+    if (conn_closing(c) || input_held(c)) return;
+    if (bytebuf_used(&c->in) > 0) deliver(c, NULL, 0);
+    if (conn_closing(c) || input_held(c)) return;
+    if (c->flags & CONN_RECV_PAUSED) {
+        c->flags &= ~CONN_RECV_PAUSED;
+        if (!(c->flags & (CONN_RECV_ARMED | CONN_INPUT_EOF))) recv_arm(c);
+    }
+    eof_check(c);
+}
+
 /* Buffered input is offered at once: callers resume as their last step,
  * with their state ready for more input. */
 void conn_resume(struct conn *c)
 {
     if (!(c->flags & CONN_SUSPENDED)) return;
     c->flags &= ~CONN_SUSPENDED;
-    if (conn_closing(c)) return;
-    if (bytebuf_used(&c->in) > 0) deliver(c, NULL, 0);
-    if (!conn_closing(c) && (c->flags & CONN_RECV_PAUSED) && !(c->flags & CONN_SUSPENDED)) {
-        c->flags &= ~CONN_RECV_PAUSED;
-        if (!(c->flags & CONN_RECV_ARMED)) recv_arm(c);
-    }
+    input_resume(c);
 }
 
 void conn_set_timeout(struct conn *c, uint64_t ms)
 {
+    if (c->flags & CONN_CLOSED) return;   /* no timer may outlive the conn */
     if (ms == 0) timer_cancel(&c->loop->timers, &c->timer);
     else timer_arm(&c->loop->timers, &c->timer, ms);
 }

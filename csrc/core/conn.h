@@ -43,6 +43,8 @@ enum {
     CONN_PEER_EOF     = 1u << 7,
     CONN_CANCELLING   = 1u << 8,
     CONN_TLS_BYE      = 1u << 9,   /* our close_notify is queued */
+    CONN_INPUT_EOF    = 1u << 10,  /* the peer half-closed: no more input */
+    CONN_OUT_FULL     = 1u << 11,  /* too much unsent output: input held */
 };
 
 struct conn_addr {

@@ -25,10 +25,14 @@ static void *offload_main(void *arg)
             struct mpsc_node *next = n->next;
             struct offload_job *j = (struct offload_job *)((char *)n - offsetof(struct offload_job, node));
             j->work(j);
+            /* After the post the loop owns (and may free) j. */
+            atomic_int *outstanding = j->outstanding;
             loop_post(j->loop, &j->msg);
+            if (outstanding) atomic_fetch_sub(outstanding, 1);
             n = next;
         }
-        if (atomic_load(&quit)) break;
+        /* Quit only with nothing left: every job gets its answer. */
+        if (atomic_load(&quit) && atomic_load(&jobs) == NULL) break;
     }
     return NULL;
 }
@@ -54,6 +58,7 @@ int offload_start(void)
 
 void offload_submit(struct offload_job *j)
 {
+    if (j->outstanding) atomic_fetch_add(j->outstanding, 1);
     if (mpsc_push(&jobs, &j->node)) {
         uint64_t one = 1;
         ssize_t w = write(job_fd, &one, sizeof one);

@@ -328,6 +328,8 @@ fail:
 
 void engine_request_stop(struct engine *e, uint64_t timeout_ms)
 {
+    /* Each worker's stop message is one node: post it once only. */
+    if (atomic_exchange(&e->stop_posted, true)) return;
     e->stop_deadline_ms = timer_now_ms() + timeout_ms;
     for (int i = 0; i < e->nworkers; i++) loop_post(&e->workers[i].loop, &e->workers[i].stop_msg);
 }
@@ -336,6 +338,9 @@ void engine_join(struct engine *e)
 {
     if (e->joined) return;
     for (int i = 0; i < e->nworkers; i++) pthread_join(e->workers[i].thread, NULL);
+    /* A password check still running would post to our loops: wait for
+     * it (checks take milliseconds; the loops' inboxes stay valid). */
+    while (atomic_load(&e->offload_jobs) > 0) usleep(1000);
     if (e->nworkers > 0) offload_stop();
     e->joined = true;
 }

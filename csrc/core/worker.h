@@ -62,6 +62,8 @@ struct engine {
     int started;
     uint64_t stop_deadline_ms;        /* CLOCK_MONOTONIC; draining stop */
     bool joined;
+    atomic_bool stop_posted;
+    atomic_int offload_jobs;          /* password checks not yet posted back */
 };
 
 /* Open listeners, start workers; 0, or -1 with err. */

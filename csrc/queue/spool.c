@@ -241,9 +241,14 @@ static void commit_run(struct loop_task *t)
         }
         return;
     }
+    /* The writes and their fsync form one linked chain, which must go to
+     * the kernel in a single submission: a chain cut by a submit would let
+     * the fsync succeed without the writes before the cut. */
+    size_t want = s->npending < SPOOL_BATCH_MAX ? s->npending : SPOOL_BATCH_MAX;
+    if (io_uring_sq_space_left(&s->loop->ring) < want + 1) io_uring_submit(&s->loop->ring);
     struct spool_rec **tail = &s->batch;
     size_t n = 0;
-    while (s->pending && n < SPOOL_BATCH_MAX) {
+    while (s->pending && n < want) {
         struct spool_rec *r = s->pending;
         s->pending = r->next;
         r->next = NULL;

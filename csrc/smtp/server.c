@@ -47,6 +47,7 @@ enum {
     TXN_FAILED = 1u << 2,        /* BDAT: a chunk failed; rest is consumed and refused */
     TXN_TOO_BIG = 1u << 3,
     TXN_BDAT = 1u << 4,
+    TXN_NOMEM = 1u << 5,         /* out of memory: refuse for now, not for ever */
 };
 
 struct smtp_session {
@@ -63,6 +64,7 @@ struct smtp_session {
     bool closed;                      /* conn gone; free once nothing is pending */
     bool pending;                     /* a hook, spool write or job refers to us */
     bool counted_ip;
+    bool refused;                     /* connect hook said 554: only QUIT works */
     enum auth_step auth_step;
     unsigned errors;
     unsigned auth_failures;
@@ -160,9 +162,9 @@ static void hook_done(struct hook_req *r)
 {
     struct smtp_session *s = r->owner;
     s->pending = false;
-    if (s->w->loop.dead) {
-        /* The worker has ended: nothing to answer, nothing safe to touch
-         * but memory. */
+    if (s->w->loop.dead || (!s->closed && conn_closing(&s->conn))) {
+        /* The worker has ended, or the connection is on its way out (its
+         * on_close will free us): nothing to answer. */
         hook_req_free(r);
         if (s->closed) session_free(s);
         return;
@@ -271,8 +273,14 @@ static void send_greeting(struct smtp_session *s)
 
 static void after_connect(struct smtp_session *s, struct hook_req *r)
 {
-    if (hook_refused(s, r)) {
-        /* A refused connection gets its answer and is closed (RFC 5321 §3.1). */
+    if (r->action == HOOK_REJECT) {
+        /* RFC 5321 §3.1: a 554 greeting, then 503 to everything but QUIT. */
+        session_reply(s, "554 %s", r->text[0] ? r->text : "5.7.1 Service unavailable");
+        s->refused = true;
+        return;
+    }
+    if (r->action == HOOK_TEMPFAIL) {
+        session_reply(s, "421 %s", r->text[0] ? r->text : "4.7.0 Service not available, try later");
         conn_close(&s->conn);
         return;
     }
@@ -473,15 +481,20 @@ static bool notify_ok(const char *v, size_t n)
     return n > 0;
 }
 
+/* Take back the envelope line added for the last recipient. */
+static void rcpt_undo(struct smtp_session *s)
+{
+    char *env = bytebuf_head(&s->env);
+    size_t i = bytebuf_used(&s->env) - 1;
+    while (i > 0 && env[i - 1] != '\n') i--;
+    s->env.len = s->env.off + i;
+    s->nrcpt--;
+}
+
 static void after_rcpt(struct smtp_session *s, struct hook_req *r)
 {
     if (hook_refused(s, r)) {
-        /* Take back the envelope line added for this recipient. */
-        char *env = bytebuf_head(&s->env);
-        size_t i = bytebuf_used(&s->env) - 1;
-        while (i > 0 && env[i - 1] != '\n') i--;
-        s->env.len = s->env.off + i;
-        s->nrcpt--;
+        rcpt_undo(s);
         return;
     }
     session_reply(s, "250 2.1.5 Ok");
@@ -559,8 +572,10 @@ static void cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
     }
     s->nrcpt++;
     if (hook_wanted(s, HOOK_RCPT)) {
-        if (hook_call(s, HOOK_RCPT, addr, alen, params, plen, NULL, 0, after_rcpt) < 0)
+        if (hook_call(s, HOOK_RCPT, addr, alen, params, plen, NULL, 0, after_rcpt) < 0) {
+            rcpt_undo(s);
             session_reply(s, "451 4.3.0 Error: out of memory");
+        }
         return;
     }
     session_reply(s, "250 2.1.5 Ok");
@@ -681,6 +696,11 @@ static void after_data(struct smtp_session *s, struct hook_req *r)
 
 static void message_complete(struct smtp_session *s, uint32_t scan_flags)
 {
+    if (s->txn_flags & TXN_NOMEM) {
+        session_reply(s, "451 4.3.0 Error: insufficient system resources");
+        txn_reset(s);
+        return;
+    }
     if (s->txn_flags & TXN_TOO_BIG) {
         session_reply(s, "552 5.3.4 Error: message size exceeds fixed limit");
         txn_reset(s);
@@ -750,7 +770,8 @@ static size_t data_input(struct smtp_session *s, const char *p, size_t n)
         char *out;
         if (!(s->txn_flags & TXN_TOO_BIG)) {
             if (bytebuf_reserve(&s->msg, chunk) < 0) {
-                s->txn_flags |= TXN_TOO_BIG;
+                s->txn_flags |= TXN_TOO_BIG | TXN_NOMEM;
+                bytebuf_free(&s->msg);
                 continue;
             }
             out = s->msg.data + s->msg.len;
@@ -823,7 +844,8 @@ static void bdat_chunk_end(struct smtp_session *s)
         return;
     }
     if (s->txn_flags & TXN_TOO_BIG) {
-        session_reply(s, "552 5.3.4 Error: message size exceeds fixed limit");
+        if (s->txn_flags & TXN_NOMEM) session_reply(s, "451 4.3.0 Error: insufficient system resources");
+        else session_reply(s, "552 5.3.4 Error: message size exceeds fixed limit");
         /* The rest of this transaction's chunks are consumed and refused. */
         s->txn_flags |= TXN_FAILED;
         if (s->bdat_last) txn_reset(s);
@@ -844,7 +866,8 @@ static size_t bdat_input(struct smtp_session *s, const char *p, size_t n)
             s->txn_flags |= TXN_TOO_BIG;
             bytebuf_free(&s->msg);
         } else if (bytebuf_append(&s->msg, p, k) < 0) {
-            s->txn_flags |= TXN_TOO_BIG;
+            s->txn_flags |= TXN_TOO_BIG | TXN_NOMEM;
+            bytebuf_free(&s->msg);
         }
     }
     s->bdat_left -= k;
@@ -917,7 +940,7 @@ static void auth_job_done(struct loop *l, struct loop_msg *m)
     s->pending = false;
     explicit_bzero(a->password, strlen(a->password));
     free(a->password);
-    if (s->closed || s->w->loop.dead) {
+    if (s->closed || s->w->loop.dead || conn_closing(&s->conn)) {
         bool closed = s->closed;
         free(a);
         if (closed) session_free(s);
@@ -1051,6 +1074,7 @@ static void auth_builtin(struct smtp_session *s, const char *user, size_t ulen, 
     a->job.loop = &s->w->loop;
     a->job.work = auth_job_work;
     a->job.msg.fn = auth_job_done;
+    a->job.outstanding = &s->w->eng->offload_jobs;
     s->pending = true;
     s->state = ST_WAIT;
     conn_suspend(&s->conn);
@@ -1115,7 +1139,10 @@ static void auth_line(struct smtp_session *s, const char *line, size_t len)
     }
     char *user = s->auth_login_user;
     s->auth_login_user = NULL;
-    if (!user) return;
+    if (!user) {
+        session_reply(s, "454 4.7.0 Temporary authentication failure");
+        return;
+    }
     auth_check(s, "LOGIN", user, strlen(user), buf, (size_t)n);
     free(user);
     explicit_bzero(buf, sizeof buf);
@@ -1206,11 +1233,18 @@ static void cmd_starttls(struct smtp_session *s)
         session_close_421(s, "4.7.0", "Error: TLS not available");
         return;
     }
-    /* RFC 3207 §4.2: forget everything learnt before the handshake. */
+    /* RFC 3207 §4.2: forget everything learnt before the handshake,
+     * including a login (plaintext could have been injected). */
     txn_reset(s);
     free(s->helo);
     s->helo = NULL;
     s->esmtp = false;
+    s->authed = false;
+    free(s->auth_user);
+    s->auth_user = NULL;
+    free(s->auth_login_user);
+    s->auth_login_user = NULL;
+    s->auth_step = AUTH_NONE;
     s->state = ST_TLS;
 }
 
@@ -1222,6 +1256,16 @@ static void handle_command(struct smtp_session *s, const char *line, size_t len)
     struct smtp_cmd c;
     arm_timeout(s, cfg->limits.command_timeout_ms);
     enum smtp_parse_status st = smtp_parse_command(line, len, &c);
+    if (s->refused) {
+        if (st == SMTP_PARSE_OK && c.verb == SMTP_VERB_QUIT) {
+            session_reply(s, "221 2.0.0 Bye");
+            conn_close(&s->conn);
+        } else {
+            session_reply(s, "503 5.5.1 Error: no service here, only QUIT");
+            count_error(s);
+        }
+        return;
+    }
     if (st == SMTP_PARSE_UNKNOWN) {
         session_reply(s, "500 5.5.2 Error: command not recognized");
         count_error(s);
@@ -1409,6 +1453,7 @@ static void smtp_on_close(struct conn *c)
 {
     struct smtp_session *s = (struct smtp_session *)c;
     struct engine *e = s->w->eng;
+    timer_cancel(&c->loop->timers, &c->timer);
     session_unlink(s);
     s->w->nsessions--;
     atomic_fetch_sub(&e->conns_total, 1);
