@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := build-essential liburing-dev libssl-dev libcrypt-dev python3-dev python3-venv \
 	postfix swaks clang libclang-rt-14-dev openssl
-PY_PACKAGES := pytest pytest-timeout aiosmtplib aiosmtpd setuptools wheel
+PY_PACKAGES := pytest pytest-timeout aiosmtplib aiosmtpd dkimpy pynacl setuptools wheel
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 FUZZ_SECONDS ?= 10
 
@@ -28,7 +28,7 @@ deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: | deps
+$(VENV)/.installed: Makefile | deps
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(PY_PACKAGES)
