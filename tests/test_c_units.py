@@ -56,6 +56,27 @@ def output_of(proc: subprocess.CompletedProcess) -> str:
     return f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
 
 
+def build_c(source: Path, exe: Path) -> None:
+    """Compile and link one C program of tests/c/ as its header says, with
+    $CC, $CFLAGS, $LDFLAGS and $SAN_FLAGS (once serves both steps)."""
+    sources, libs = read_header(source)
+    san = env_flags("SAN_FLAGS")
+    cmd = (
+        shlex.split(os.environ.get("CC", "cc"))
+        + BASE_FLAGS
+        + env_flags("CFLAGS")
+        + san
+        + sources
+        + [str(source.relative_to(REPO)), "-o", str(exe)]
+        + libs
+        + env_flags("LDFLAGS")
+        + san
+    )
+    build = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if build.returncode != 0:
+        pytest.fail(f"build failed: {shlex.join(cmd)}\n{output_of(build)}")
+
+
 @pytest.mark.parametrize("test_file", C_TESTS, ids=[p.stem for p in C_TESTS])
 def test_c_unit(test_file: Path, tmp_path: Path) -> None:
     sources, libs = read_header(test_file)
@@ -64,22 +85,7 @@ def test_c_unit(test_file: Path, tmp_path: Path) -> None:
             pytest.fail(f"{test_file.relative_to(REPO)}: source {src} does not exist")
 
     exe = tmp_path / test_file.stem
-    san = env_flags("SAN_FLAGS")
-    # One compiler run compiles and links, so SAN_FLAGS given once serves both.
-    cmd = (
-        shlex.split(os.environ.get("CC", "cc"))
-        + BASE_FLAGS
-        + env_flags("CFLAGS")
-        + san
-        + sources
-        + [str(test_file.relative_to(REPO)), "-o", str(exe)]
-        + libs
-        + env_flags("LDFLAGS")
-        + san
-    )
-    build = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if build.returncode != 0:
-        pytest.fail(f"build failed: {shlex.join(cmd)}\n{output_of(build)}")
+    build_c(test_file, exe)
 
     try:
         run = subprocess.run(

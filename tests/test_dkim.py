@@ -10,9 +10,7 @@ a signer that got everything wrong cannot pass.
 from __future__ import annotations
 
 import base64
-import os
 import re
-import shlex
 import subprocess
 import time
 from dataclasses import dataclass
@@ -28,22 +26,10 @@ except ImportError as e:  # a missing verifier must fail the run, not skip it
 else:
     DKIM_IMPORT_ERROR = None
 
-REPO = Path(__file__).resolve().parent.parent
+from test_c_units import REPO, build_c
+
 TOOL_SRC = REPO / "tests" / "c" / "dkim_sign_tool.c"
-# The same base flags as tests/test_c_units.py.
-BASE_FLAGS = ["-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE", "-Icsrc"]
 DOMAIN = "example.com"
-
-
-def env_flags(name: str) -> list[str]:
-    return shlex.split(os.environ.get(name, ""))
-
-
-def source_header(path: Path, key: str, line_no: int) -> list[str]:
-    line = path.read_text(encoding="utf-8").splitlines()[line_no]
-    m = re.match(rf"^/\*\s*{key}:(.*?)\*/\s*$", line.strip())
-    assert m, f"{path.name}: line {line_no + 1} must be '/* {key}: ... */'"
-    return shlex.split(m.group(1))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,20 +45,7 @@ def need_dkimpy() -> None:
 @pytest.fixture(scope="module")
 def tool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     exe = tmp_path_factory.mktemp("dkim_tool") / "dkim_sign_tool"
-    san = env_flags("SAN_FLAGS")
-    cmd = (
-        shlex.split(os.environ.get("CC", "cc"))
-        + BASE_FLAGS
-        + env_flags("CFLAGS")
-        + san
-        + source_header(TOOL_SRC, "sources", 0)
-        + [str(TOOL_SRC.relative_to(REPO)), "-o", str(exe)]
-        + source_header(TOOL_SRC, "libs", 1)
-        + env_flags("LDFLAGS")
-        + san
-    )
-    build = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert build.returncode == 0, f"build failed: {shlex.join(cmd)}\n{build.stdout}\n{build.stderr}"
+    build_c(TOOL_SRC, exe)
     return exe
 
 

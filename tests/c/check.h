@@ -2,6 +2,7 @@
 #ifndef TESTS_C_CHECK_H
 #define TESTS_C_CHECK_H
 
+#include <stddef.h>
 #include <stdio.h>
 
 static int passed, failed;
@@ -17,6 +18,26 @@ static int passed, failed;
             fputc('\n', stderr);                                            \
         }                                                                   \
     } while (0)
+
+/* Printable rendering of bytes for failure messages (four rotating
+ * buffers, so one message can show several values). */
+static inline const char *check_show(const char *p, size_t n)
+{
+    static char buf[4][512];
+    static int which;
+    char *b = buf[which++ & 3];
+    size_t o = 0;
+    for (size_t i = 0; i < n && o + 8 < sizeof buf[0]; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if (c == '\r') o += (size_t)sprintf(b + o, "\\r");
+        else if (c == '\n') o += (size_t)sprintf(b + o, "\\n");
+        else if (c < 0x20 || c >= 0x7f) o += (size_t)sprintf(b + o, "\\x%02x", c);
+        else b[o++] = (char)c;
+    }
+    if (o + 8 >= sizeof buf[0]) o += (size_t)sprintf(b + o, "...");
+    b[o] = 0;
+    return b;
+}
 
 /* "N passed, M failed" as the last line; the exit status says the same. */
 static inline int check_summary(void)

@@ -13,24 +13,6 @@
 
 #define S(lit) lit, sizeof(lit) - 1
 
-/* Printable rendering of bytes for failure messages. */
-static const char *show(const char *p, size_t n)
-{
-    static char buf[4][512];
-    static int which;
-    char *b = buf[which++ & 3];
-    size_t o = 0;
-
-    for (size_t i = 0; i < n && o + 5 < sizeof buf[0]; i++) {
-        unsigned char c = (unsigned char)p[i];
-        if (c == '\r') o += (size_t)sprintf(b + o, "\\r");
-        else if (c == '\n') o += (size_t)sprintf(b + o, "\\n");
-        else if (c < 0x20 || c >= 0x7f) o += (size_t)sprintf(b + o, "\\x%02x", c);
-        else b[o++] = (char)c;
-    }
-    b[o] = 0;
-    return b;
-}
 
 static int mem_is(const char *p, size_t n, const char *lit)
 {
@@ -45,11 +27,11 @@ static void line_case(const char *in, size_t n, size_t max,
     size_t len = 99, used = 99;
     enum smtp_line_result r = smtp_line_find(in, n, max, &len, &used);
 
-    CHECK(r == want, "\"%s\" max %zu: result %d, want %d", show(in, n), max, r, want);
+    CHECK(r == want, "\"%s\" max %zu: result %d, want %d", check_show(in, n), max, r, want);
     if (r != SMTP_LINE_NEED_MORE && r != SMTP_LINE_TOO_LONG)
-        CHECK(len == want_len, "\"%s\": line_len %zu, want %zu", show(in, n), len, want_len);
+        CHECK(len == want_len, "\"%s\": line_len %zu, want %zu", check_show(in, n), len, want_len);
     if (r != SMTP_LINE_NEED_MORE)
-        CHECK(used == want_used, "\"%s\": consumed %zu, want %zu", show(in, n), used, want_used);
+        CHECK(used == want_used, "\"%s\": consumed %zu, want %zu", check_show(in, n), used, want_used);
 }
 
 static void test_line_find(void)
@@ -89,9 +71,9 @@ static void status_case(const char *line, enum smtp_parse_status want,
 {
     enum smtp_parse_status st = parse(line);
 
-    CHECK(st == want, "\"%s\": status %d, want %d", show(line, strlen(line)), st, want);
+    CHECK(st == want, "\"%s\": status %d, want %d", check_show(line, strlen(line)), st, want);
     CHECK(cmd.verb == want_verb, "\"%s\": verb %d, want %d",
-          show(line, strlen(line)), cmd.verb, want_verb);
+          check_show(line, strlen(line)), cmd.verb, want_verb);
     if (st != SMTP_PARSE_OK)
         CHECK(cmd.nparams == 0 && cmd.addr == NULL,
               "\"%s\": failed parse left addr/params behind", line);
@@ -182,12 +164,12 @@ static void test_verbs(void)
     /* The argument is trimmed of spaces on both sides. */
     CHECK(parse("EHLO   client.example   ") == SMTP_PARSE_OK &&
           mem_is(cmd.arg, cmd.arg_len, "client.example"),
-          "arg \"%s\"", show(cmd.arg, cmd.arg_len));
+          "arg \"%s\"", check_show(cmd.arg, cmd.arg_len));
     CHECK(parse("BDAT 512 LAST") == SMTP_PARSE_OK && mem_is(cmd.arg, cmd.arg_len, "512 LAST"),
-          "arg \"%s\"", show(cmd.arg, cmd.arg_len));
+          "arg \"%s\"", check_show(cmd.arg, cmd.arg_len));
     CHECK(parse("AUTH PLAIN AGFsaWNlAHNlY3JldA==") == SMTP_PARSE_OK &&
           mem_is(cmd.arg, cmd.arg_len, "PLAIN AGFsaWNlAHNlY3JldA=="),
-          "arg \"%s\"", show(cmd.arg, cmd.arg_len));
+          "arg \"%s\"", check_show(cmd.arg, cmd.arg_len));
     CHECK(parse("QUIT") == SMTP_PARSE_OK && cmd.arg_len == 0 && cmd.addr == NULL &&
           cmd.nparams == 0, "QUIT fields");
     CHECK(parse("EHLO x") == SMTP_PARSE_OK && cmd.addr == NULL && cmd.nparams == 0,
@@ -201,10 +183,10 @@ static void addr_case(const char *line, enum smtp_parse_status want, const char 
 {
     enum smtp_parse_status st = parse(line);
 
-    CHECK(st == want, "\"%s\": status %d, want %d", show(line, strlen(line)), st, want);
+    CHECK(st == want, "\"%s\": status %d, want %d", check_show(line, strlen(line)), st, want);
     if (st == SMTP_PARSE_OK && want_addr)
         CHECK(mem_is(cmd.addr, cmd.addr_len, want_addr), "\"%s\": addr \"%s\", want \"%s\"",
-              show(line, strlen(line)), show(cmd.addr, cmd.addr_len), want_addr);
+              check_show(line, strlen(line)), check_show(cmd.addr, cmd.addr_len), want_addr);
 }
 
 static void test_paths(void)
@@ -504,11 +486,11 @@ static int same(const struct data_result *a, const struct data_result *b)
 static void report(const char *what, const char *in, size_t n, size_t max,
                    const struct data_result *got, const struct data_result *want)
 {
-    fprintf(stderr, "  %s: in \"%s\" max %zu\n", what, show(in, n), max);
+    fprintf(stderr, "  %s: in \"%s\" max %zu\n", what, check_show(in, n), max);
     fprintf(stderr, "    got  out \"%s\" used %zu flags %u done %d\n",
-            show(got->out, got->out_n), got->used, got->flags, got->done);
+            check_show(got->out, got->out_n), got->used, got->flags, got->done);
     fprintf(stderr, "    want out \"%s\" used %zu flags %u done %d\n",
-            show(want->out, want->out_n), want->used, want->flags, want->done);
+            check_show(want->out, want->out_n), want->used, want->flags, want->done);
 }
 
 /* Whole, at every single cut, at every pair of cuts (short inputs), and a
@@ -559,13 +541,13 @@ static void data_case(const char *in, size_t n, size_t max, const char *want_out
     struct data_result got;
 
     if (want_used == 0) want_used = n;
-    CHECK(feed(in, n, max, NULL, 0, &got) == 0, "\"%s\": bounds", show(in, n));
+    CHECK(feed(in, n, max, NULL, 0, &got) == 0, "\"%s\": bounds", check_show(in, n));
     CHECK(mem_is(got.out, got.out_n, want_out), "\"%s\": out \"%s\", want \"%s\"",
-          show(in, n), show(got.out, got.out_n), show(want_out, strlen(want_out)));
-    CHECK(got.flags == want_flags, "\"%s\": flags %u, want %u", show(in, n), got.flags, want_flags);
-    CHECK(got.done == want_done, "\"%s\": done %d, want %d", show(in, n), got.done, want_done);
-    CHECK(got.used == want_used, "\"%s\": used %zu, want %zu", show(in, n), got.used, want_used);
-    CHECK(check_all_splits(in, n, max, n <= 64) == 0, "\"%s\": splits disagree", show(in, n));
+          check_show(in, n), check_show(got.out, got.out_n), check_show(want_out, strlen(want_out)));
+    CHECK(got.flags == want_flags, "\"%s\": flags %u, want %u", check_show(in, n), got.flags, want_flags);
+    CHECK(got.done == want_done, "\"%s\": done %d, want %d", check_show(in, n), got.done, want_done);
+    CHECK(got.used == want_used, "\"%s\": used %zu, want %zu", check_show(in, n), got.used, want_used);
+    CHECK(check_all_splits(in, n, max, n <= 64) == 0, "\"%s\": splits disagree", check_show(in, n));
 }
 
 #define LF SMTP_DATA_BARE_LF
@@ -697,7 +679,7 @@ static void test_data_in_place(void)
     smtp_data_init(&s, 998);
     size_t used = smtp_data_scan(&s, buf, sizeof buf - 1, buf, &out_n, &done);
     CHECK(done && used == 18 && mem_is(buf, out_n, "a\r\n.b\r\n.\r\nc\r\n"),
-          "in place: \"%s\" used %zu", show(buf, out_n), used);
+          "in place: \"%s\" used %zu", check_show(buf, out_n), used);
 }
 
 /* Every string up to length 8 over the bytes that matter, every split;

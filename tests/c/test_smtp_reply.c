@@ -15,25 +15,6 @@
 
 #define S(lit) lit, sizeof(lit) - 1
 
-/* Printable rendering of bytes for failure messages. */
-static const char *show(const char *p, size_t n)
-{
-    static char buf[4][512];
-    static int which;
-    char *b = buf[which++ & 3];
-    size_t o = 0;
-
-    for (size_t i = 0; i < n && o + 8 < sizeof buf[0]; i++) {
-        unsigned char c = (unsigned char)p[i];
-        if (c == '\r') o += (size_t)sprintf(b + o, "\\r");
-        else if (c == '\n') o += (size_t)sprintf(b + o, "\\n");
-        else if (c < 0x20 || c >= 0x7f) o += (size_t)sprintf(b + o, "\\x%02x", c);
-        else b[o++] = (char)c;
-    }
-    if (o + 8 >= sizeof buf[0]) o += (size_t)sprintf(b + o, "...");
-    b[o] = 0;
-    return b;
-}
 
 static int mem_is(const char *p, size_t n, const char *lit)
 {
@@ -251,7 +232,7 @@ static int same(const struct outcome *a, const struct outcome *b)
 static void report(const char *what, const char *in, size_t n,
                    const struct outcome *got, const struct outcome *want)
 {
-    fprintf(stderr, "  %s: in \"%s\"\n", what, show(in, n));
+    fprintf(stderr, "  %s: in \"%s\"\n", what, check_show(in, n));
     const struct outcome *oc[2] = { got, want };
     for (int w = 0; w < 2; w++) {
         const struct outcome *o = oc[w];
@@ -260,7 +241,7 @@ static void report(const char *what, const char *in, size_t n,
         for (size_t k = 0; k < o->nr && k < 4; k++)
             fprintf(stderr, "      %u %u.%u.%u lines %u flags %u \"%s\"\n", o->r[k].code,
                     o->r[k].enhanced.cls, o->r[k].enhanced.subject, o->r[k].enhanced.detail,
-                    o->r[k].nlines, o->r[k].flags, show(o->r[k].text, o->r[k].text_len));
+                    o->r[k].nlines, o->r[k].flags, check_show(o->r[k].text, o->r[k].text_len));
     }
 }
 
@@ -316,9 +297,9 @@ static struct outcome oc;
 static void feed_case(const char *in, size_t n, size_t max_line, unsigned max_lines)
 {
     run(in, n, max_line, max_lines, NULL, 0, &oc);
-    CHECK(!oc.broken, "\"%s\": API promise broken", show(in, n));
+    CHECK(!oc.broken, "\"%s\": API promise broken", check_show(in, n));
     CHECK(check_all_splits(in, n, max_line, max_lines, n <= 64) == 0,
-          "\"%s\": splits or model disagree", show(in, n));
+          "\"%s\": splits or model disagree", check_show(in, n));
 }
 
 /* One complete reply taking all of in[0..n). */
@@ -327,16 +308,16 @@ static void reply_case(const char *in, size_t n, unsigned code, const char *text
 {
     feed_case(in, n, 0, 0);
     CHECK(oc.status == SMTP_REPLY_OK && oc.nr == 1 && oc.used == n,
-          "\"%s\": status %d, %zu replies, used %zu of %zu", show(in, n), oc.status, oc.nr,
+          "\"%s\": status %d, %zu replies, used %zu of %zu", check_show(in, n), oc.status, oc.nr,
           oc.used, n);
     if (oc.nr != 1) return;
     const struct smtp_reply *r = &oc.r[0];
-    CHECK(r->code == code, "\"%s\": code %u, want %u", show(in, n), r->code, code);
+    CHECK(r->code == code, "\"%s\": code %u, want %u", check_show(in, n), r->code, code);
     CHECK(mem_is(r->text, r->text_len, text) && r->text[r->text_len] == 0,
-          "\"%s\": text \"%s\", want \"%s\"", show(in, n), show(r->text, r->text_len),
-          show(text, strlen(text)));
-    CHECK(r->nlines == nlines, "\"%s\": %u lines, want %u", show(in, n), r->nlines, nlines);
-    CHECK(r->flags == flags, "\"%s\": flags %u, want %u", show(in, n), r->flags, flags);
+          "\"%s\": text \"%s\", want \"%s\"", check_show(in, n), check_show(r->text, r->text_len),
+          check_show(text, strlen(text)));
+    CHECK(r->nlines == nlines, "\"%s\": %u lines, want %u", check_show(in, n), r->nlines, nlines);
+    CHECK(r->flags == flags, "\"%s\": flags %u, want %u", check_show(in, n), r->flags, flags);
 }
 
 /* An input that fails with `st` after consuming `used` bytes, `nr`
@@ -345,9 +326,9 @@ static void error_case(const char *in, size_t n, size_t max_line, unsigned max_l
                        enum smtp_reply_status st, size_t used, size_t nr)
 {
     feed_case(in, n, max_line, max_lines);
-    CHECK(oc.status == st, "\"%s\": status %d, want %d", show(in, n), oc.status, st);
-    CHECK(oc.used == used, "\"%s\": used %zu, want %zu", show(in, n), oc.used, used);
-    CHECK(oc.nr == nr, "\"%s\": %zu replies, want %zu", show(in, n), oc.nr, nr);
+    CHECK(oc.status == st, "\"%s\": status %d, want %d", check_show(in, n), oc.status, st);
+    CHECK(oc.used == used, "\"%s\": used %zu, want %zu", check_show(in, n), oc.used, used);
+    CHECK(oc.nr == nr, "\"%s\": %zu replies, want %zu", check_show(in, n), oc.nr, nr);
 }
 
 /* ---- replies ---------------------------------------------------------- */
@@ -382,7 +363,7 @@ static void test_single_line(void)
     for (size_t k = 0; k < sizeof partial / sizeof partial[0]; k++) {
         feed_case(partial[k], strlen(partial[k]), 0, 0);
         CHECK(oc.status == SMTP_REPLY_OK && oc.nr == 0 && oc.used == strlen(partial[k]),
-              "\"%s\": partial: status %d, %zu replies, used %zu", show(partial[k], strlen(partial[k])),
+              "\"%s\": partial: status %d, %zu replies, used %zu", check_show(partial[k], strlen(partial[k])),
               oc.status, oc.nr, oc.used);
     }
     feed_case(S(""), 0, 0);
@@ -480,7 +461,7 @@ static void enh_case(const char *in, unsigned cls, unsigned subject, unsigned de
     feed_case(in, strlen(in), 0, 0);
     CHECK(oc.nr == 1 && oc.r[0].enhanced.cls == cls && oc.r[0].enhanced.subject == subject &&
           oc.r[0].enhanced.detail == detail, "\"%s\": enhanced %u.%u.%u, want %u.%u.%u",
-          show(in, strlen(in)), oc.nr ? oc.r[0].enhanced.cls : 99,
+          check_show(in, strlen(in)), oc.nr ? oc.r[0].enhanced.cls : 99,
           oc.nr ? oc.r[0].enhanced.subject : 99, oc.nr ? oc.r[0].enhanced.detail : 99,
           cls, subject, detail);
 }
@@ -755,7 +736,7 @@ static int ehlo(const char *in)
 {
     run(in, strlen(in), 0, 0, NULL, 0, &oc);
     if (oc.nr != 1 || oc.status != SMTP_REPLY_OK) {
-        fprintf(stderr, "  \"%s\" is not one reply\n", show(in, strlen(in)));
+        fprintf(stderr, "  \"%s\" is not one reply\n", check_show(in, strlen(in)));
         return -999;
     }
     memset(&caps, 0x5a, sizeof caps);
@@ -765,9 +746,9 @@ static int ehlo(const char *in)
 static void ehlo_case(const char *in, uint32_t ext, uint32_t auth, uint64_t size)
 {
     int rc = ehlo(in);
-    CHECK(rc == 0, "\"%s\": rc %d", show(in, strlen(in)), rc);
+    CHECK(rc == 0, "\"%s\": rc %d", check_show(in, strlen(in)), rc);
     CHECK(caps.ext == ext && caps.auth == auth && caps.size == size,
-          "\"%s\": ext %#x auth %#x size %llu, want %#x %#x %llu", show(in, strlen(in)),
+          "\"%s\": ext %#x auth %#x size %llu, want %#x %#x %llu", check_show(in, strlen(in)),
           caps.ext, caps.auth, (unsigned long long)caps.size, ext, auth,
           (unsigned long long)size);
 }
