@@ -2,7 +2,6 @@
 commands, hash-password, the embedded default, signals and restarts."""
 from __future__ import annotations
 
-import base64
 import json
 import queue
 import re
@@ -20,21 +19,13 @@ import pytest
 
 from conftest import ROOT, free_port, run_cli, wait_port
 from mailengine import _core
+from smtpclient import auth_plain as plain_ir, client_tls as tls_context
 
 pytestmark = pytest.mark.timeout(90)
 
 HOST = "127.0.0.1"
 
 
-def tls_context() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def plain_ir(user: str, password: str) -> str:
-    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
 
 
 def message(mid: str, body: str = "hello") -> bytes:

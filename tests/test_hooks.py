@@ -14,7 +14,6 @@ import logging
 import re
 import smtplib
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ import pytest
 from conftest import ASAN, ROOT, Ports, free_port, make_config
 from mailengine import (Accept, Config, ConfigError, Engine, Limits, Listener, Reject,
                         StartError, TempFail, _core)
+from smtpclient import auth_plain as plain_ir, client_tls as tls_context
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,15 +40,6 @@ MESSAGE = (b"From: Bob <bob@sender.test>\r\nTo: alice@example.test\r\nSubject: h
            b"last line\r\n")
 
 
-def tls_context() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def plain_ir(user: str, password: str) -> str:
-    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
 
 
 def b64(text: str) -> str:

@@ -7,96 +7,18 @@ smuggling live here too: they are limits on what the byte stream may hold.
 """
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 
 import pytest
 
 from mailengine import Limits
+from smtpclient import Raw, session
 
 pytestmark = pytest.mark.timeout(60)
 
 
 # ---- helpers -------------------------------------------------------------------------
-
-
-class Raw:
-    """A raw SMTP client: bytes out exactly as given, whole replies in. Every
-    read is bounded by the socket timeout and by a size cap."""
-
-    MAX_BUF = 1 << 20
-
-    def __init__(self, port: int, *, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = b""
-
-    def __enter__(self) -> "Raw":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes | str) -> None:
-        self.sock.sendall(data.encode() if isinstance(data, str) else data)
-
-    def line(self) -> bytes:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(f"connection closed; unread: {self.buf!r}")
-            self.buf += chunk
-            assert len(self.buf) < self.MAX_BUF, "runaway reply"
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line.rstrip(b"\r")
-
-    def reply(self) -> tuple[int, str]:
-        lines = []
-        for _ in range(200):
-            ln = self.line()
-            lines.append(ln)
-            if ln[3:4] != b"-":
-                break
-        assert lines[-1][:3].isdigit(), f"malformed reply {lines!r}"
-        return int(lines[-1][:3]), "\n".join(ln[4:].decode("utf-8", "replace") for ln in lines)
-
-    def cmd(self, line: bytes | str) -> tuple[int, str]:
-        data = line.encode() if isinstance(line, str) else line
-        self.send(data + b"\r\n")
-        return self.reply()
-
-    def quiet(self, wait: float = 0.3) -> bytes:
-        """Whatever arrives within `wait` seconds, buffered bytes included."""
-        self.sock.settimeout(wait)
-        try:
-            data = self.buf + self.sock.recv(65536)
-        except (socket.timeout, TimeoutError):
-            data = self.buf
-        finally:
-            self.sock.settimeout(5.0)
-        self.buf = b""
-        return data
-
-    def closed(self, timeout: float = 5.0) -> bool:
-        """True if the server closes (EOF or reset) within `timeout`, sending nothing."""
-        self.sock.settimeout(timeout)
-        try:
-            chunk = self.sock.recv(65536)
-        except (socket.timeout, TimeoutError):
-            return False
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        finally:
-            self.sock.settimeout(5.0)
-        self.buf += chunk
-        return not chunk
-
-
-def session(port: int, **kw: object) -> Raw:
-    r = Raw(port, **kw)  # type: ignore[arg-type]
-    assert r.reply()[0] == 220
-    assert r.cmd("EHLO client.test")[0] == 250
-    return r
 
 
 def limits(**kw: object) -> Limits:
