@@ -4,6 +4,7 @@
  * the input says, and fed in place, it must give the same message, flags
  * and end, and agree with a byte-at-a-time model of RFC 5321 §4.5.2. */
 #include "smtp/parse.h"
+#include "fuzz/smtp_data_model.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -11,75 +12,11 @@
 
 #define REQUIRE(c) do { if (!(c)) abort(); } while (0)
 
-struct result {
-    char *out;
-    size_t out_n, used;
-    uint32_t flags;
-    int done;
-};
 
-/* The rules of parse.h written out over the whole input with look-ahead
- * instead of saved state (out has room for n). */
-static void model_scan(const char *in, size_t n, size_t max, struct result *r)
-{
-    size_t line = 0;
-    int bol = 1;
-
-    if (max == 0) max = (size_t)-1;
-    r->out_n = 0;
-    r->flags = 0;
-    r->done = 0;
-#define LINE_ADD(k) do { line += (k); if (line > max) r->flags |= SMTP_DATA_LONG_LINE; } while (0)
-    for (size_t i = 0; i < n;) {
-        char c = in[i];
-        if (bol) {
-            bol = 0;
-            line = 0;
-            if (c == '.') {
-                LINE_ADD(1);
-                if (i + 1 < n && in[i + 1] == '\r') {
-                    if (i + 2 < n && in[i + 2] == '\n') {
-                        r->done = 1;
-                        r->used = i + 3;
-                        return;
-                    }
-                    if (i + 2 == n) break;
-                    r->flags |= SMTP_DATA_BARE_CR;
-                    LINE_ADD(1);
-                    i += 2;
-                    continue;
-                }
-                i++;
-                continue;
-            }
-        }
-        if (c == '\r') {
-            r->out[r->out_n++] = c;
-            if (i + 1 < n && in[i + 1] == '\n') {
-                r->out[r->out_n++] = '\n';
-                bol = 1;
-                i += 2;
-                continue;
-            }
-            if (i + 1 < n) {
-                r->flags |= SMTP_DATA_BARE_CR;
-                LINE_ADD(1);
-            }
-            i++;
-            continue;
-        }
-        if (c == '\n') r->flags |= SMTP_DATA_BARE_LF;
-        r->out[r->out_n++] = c;
-        LINE_ADD(1);
-        i++;
-    }
-#undef LINE_ADD
-    r->used = n;
-}
 
 /* One call on an exact-size copy of in[0..n), so ASan sees any overrun. */
 static size_t scan_piece(struct smtp_data_scan *s, const char *in, size_t n,
-                         int in_place, struct result *r)
+                         int in_place, struct smtp_data_model *r)
 {
     char *piece = malloc(n ? n : 1);
     char *out = in_place ? piece : malloc(n ? n : 1);
@@ -107,7 +44,7 @@ static size_t scan_piece(struct smtp_data_scan *s, const char *in, size_t n,
 
 /* Feed in[0..n) in pieces ending at the cuts, then the rest. */
 static void feed(const char *in, size_t n, size_t max, const size_t *cuts,
-                 size_t ncuts, int in_place, struct result *r)
+                 size_t ncuts, int in_place, struct smtp_data_model *r)
 {
     struct smtp_data_scan s;
     size_t pos = 0;
@@ -126,7 +63,7 @@ static void feed(const char *in, size_t n, size_t max, const size_t *cuts,
     }
 }
 
-static void same(const struct result *a, const struct result *b)
+static void same(const struct smtp_data_model *a, const struct smtp_data_model *b)
 {
     REQUIRE(a->out_n == b->out_n);
     REQUIRE(memcmp(a->out, b->out, a->out_n) == 0);
@@ -143,7 +80,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     unsigned cut_seed = data[1];
     const char *in = (const char *)data + 2;
     size_t n = size - 2;
-    struct result whole, model, split;
+    struct smtp_data_model whole, model, split;
     char *buf = malloc(3 * n);
 
     REQUIRE(buf);
@@ -153,7 +90,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     feed(in, n, max, NULL, 0, 0, &whole);
     REQUIRE(whole.out_n <= n && whole.used <= n);
-    model_scan(in, n, max, &model);
+    smtp_data_model_scan(in, n, max, &model);
     same(&whole, &model);
 
     /* One cut at a place chosen by the input. */

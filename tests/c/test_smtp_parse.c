@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "fuzz/smtp_data_model.h"
 
 #define S(lit) lit, sizeof(lit) - 1
 
@@ -388,57 +389,13 @@ struct data_result {
 
 static void model_scan(const char *in, size_t n, size_t max, struct data_result *r)
 {
-    size_t line = 0;
-    int bol = 1;
-
-    if (max == 0) max = (size_t)-1;
     memset(r, 0, sizeof *r);
-#define LINE_ADD(k) do { line += (k); if (line > max) r->flags |= SMTP_DATA_LONG_LINE; } while (0)
-    for (size_t i = 0; i < n;) {
-        char c = in[i];
-        if (bol) {
-            bol = 0;
-            line = 0;
-            if (c == '.') {
-                LINE_ADD(1);
-                if (i + 1 < n && in[i + 1] == '\r') {
-                    if (i + 2 < n && in[i + 2] == '\n') {
-                        r->done = 1;
-                        r->used = i + 3;
-                        return;
-                    }
-                    if (i + 2 == n) break;        /* undecided at the end */
-                    r->flags |= SMTP_DATA_BARE_CR;    /* ".\r" + other: both dropped */
-                    LINE_ADD(1);
-                    i += 2;
-                    continue;
-                }
-                i++;
-                continue;
-            }
-        }
-        if (c == '\r') {
-            r->out[r->out_n++] = c;
-            if (i + 1 < n && in[i + 1] == '\n') {
-                r->out[r->out_n++] = '\n';
-                bol = 1;
-                i += 2;
-                continue;
-            }
-            if (i + 1 < n) {
-                r->flags |= SMTP_DATA_BARE_CR;
-                LINE_ADD(1);
-            }
-            i++;
-            continue;
-        }
-        if (c == '\n') r->flags |= SMTP_DATA_BARE_LF;
-        r->out[r->out_n++] = c;
-        LINE_ADD(1);
-        i++;
-    }
-#undef LINE_ADD
-    r->used = n;
+    struct smtp_data_model m = {.out = r->out};
+    smtp_data_model_scan(in, n, max, &m);
+    r->out_n = m.out_n;
+    r->used = m.used;
+    r->flags = m.flags;
+    r->done = m.done;
 }
 
 /* Feed in[0..n) to a fresh scanner in pieces cut at cuts[0..ncuts). */
