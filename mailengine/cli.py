@@ -61,6 +61,14 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"received {ev.queue_id} from <{ev.envelope.mail_from}> to "
                   f"{', '.join('<' + r + '>' for r in ev.envelope.rcpt_tos)} ({ev.size} bytes)",
                   flush=True)
+    # Handlers first: a SIGTERM right after "ready" must stop us cleanly.
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
         engine.start()
     except Error as e:
@@ -73,13 +81,6 @@ def _serve(args: argparse.Namespace) -> int:
     if demo_password:
         print(f"mailengine: demo user demo@example.test, password {demo_password}", flush=True)
     print("mailengine: ready", flush=True)
-    stop = {"now": False}
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     while not stop["now"] and engine.running:
         time.sleep(0.2)
     engine.stop(timeout=args.drain_timeout)
