@@ -19,10 +19,31 @@ ROOT = Path(__file__).resolve().parent.parent
 ASAN = bool(os.environ.get("MAILENGINE_ASAN"))
 
 
+# Ports are handed out from below the kernel's ephemeral range
+# (net.ipv4.ip_local_port_range starts at 32768), so an outgoing connection of
+# another test can never take a port between its allocation and the engine's
+# bind, and no port is given twice in one test process. Each run starts at an
+# offset derived from the pid, so two suites on one machine rarely meet.
+_PORT_LO, _PORT_HI = 20000, 32000
+_next_port = _PORT_LO + (os.getpid() * 97) % (_PORT_HI - _PORT_LO)
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    global _next_port
+    for _ in range(_PORT_HI - _PORT_LO):
+        port = _next_port
+        _next_port = _PORT_LO if _next_port + 1 >= _PORT_HI else _next_port + 1
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
