@@ -1,5 +1,6 @@
 """mailengine: a mail engine for Python whose hot path is C."""
-from .config import Config, Limits, Listener, User
+from .config import Config, DkimKey, Limits, Listener, Policy, Relay, User
+from .delivery import DeliveryEvent, SendError
 from .engine import Engine
 from .errors import ConfigError, Error, QueueError, StartError
 from .hooks import Accept, Envelope, ReceivedEvent, Reject, Session, TempFail
@@ -8,7 +9,7 @@ from .queue import Queue, QueuedMessage
 __version__ = "0.1.0"
 
 __all__ = [
-    "Accept", "Config", "ConfigError", "Engine", "Envelope", "Error", "Limits", "Listener",
-    "Queue", "QueueError", "QueuedMessage", "ReceivedEvent", "Reject", "Session", "StartError",
-    "TempFail", "User",
+    "Accept", "Config", "ConfigError", "DeliveryEvent", "DkimKey", "Engine", "Envelope", "Error",
+    "Limits", "Listener", "Policy", "Queue", "QueueError", "QueuedMessage", "ReceivedEvent",
+    "Reject", "Relay", "SendError", "Session", "StartError", "TempFail", "User",
 ]

@@ -11,7 +11,8 @@ import sys
 import time
 from typing import Any
 
-from .config import Config, Listener, parse_hostport
+from . import control
+from .config import Config, Listener, Relay, parse_hostport
 from .engine import Engine
 from .errors import Error
 
@@ -53,8 +54,24 @@ def _serve(args: argparse.Namespace) -> int:
         cfg.log_level = args.log_level
     if args.allow_plain_auth:
         cfg.allow_plain_auth = True
+    if args.dns:
+        cfg.dns = args.dns
+    if args.remote_port:
+        cfg.remote_port = args.remote_port
+    if args.no_delivery:
+        cfg.delivery_enabled = False
+    if args.relay:
+        host, port = parse_hostport(args.relay, "--relay")
+        password = os.environ.get("MAILENGINE_RELAY_PASSWORD") if args.relay_user else None
+        cfg.relay = Relay(host, port, args.relay_user, password, args.relay_tls or "starttls",
+                          tls_verify=not args.relay_no_verify)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     engine = Engine(cfg, events=bool(args.print_received))
+    if args.print_deliveries:
+        @engine.on_delivery
+        def _delivered(ev: Any) -> None:
+            print(f"{ev.type} {ev.queue_id} to <{ev.recipient}> via {ev.mx or '-'}: "
+                  f"{ev.code or ''} {ev.text}".rstrip(), flush=True)
     if args.print_received:
         @engine.on_received
         def _show(ev: Any) -> None:
@@ -93,6 +110,20 @@ def _queue(args: argparse.Namespace) -> int:
 
     q = Queue(args.data)
     try:
+        if args.action in ("hold", "release", "retry"):
+            ids = args.id or [None]
+            for qid in ids:
+                res = control.request(args.data, {"op": args.action, "id": qid})
+                if res is None:
+                    if args.action == "retry":
+                        print("mailengine: no engine is running; deferred mail is retried when it starts",
+                              file=sys.stderr)
+                        return 1
+                    n = q.hold(qid, args.action == "hold")
+                else:
+                    n = res["count"]
+                print(f"{args.action}: {n} message(s)")
+            return 0
         if args.action == "list":
             entries = q.list(with_message_id=True)
             if args.json:
@@ -113,11 +144,39 @@ def _queue(args: argparse.Namespace) -> int:
                 sys.stdout.buffer.write(raw)
         elif args.action == "delete":
             for qid in args.id:
-                q.delete(qid)
+                if control.request(args.data, {"op": "delete", "id": qid}) is None:
+                    q.delete(qid)
                 print(f"deleted {qid}")
     except Error as e:
         print(f"mailengine: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    import base64
+
+    data = sys.stdin.buffer.read()
+    if not data.strip():
+        print("mailengine: send: no message on standard input", file=sys.stderr)
+        return 2
+    req = {"op": "send", "sender": args.sender, "recipients": args.to,
+           "message": base64.b64encode(data).decode(), "pool": args.pool, "tags": args.tag or None}
+    res = control.request(args.data, req)
+    if res is None:
+        # No engine running: queue it into the spool; the next start delivers it.
+        cfg = Config(data_dir=args.data, listeners=[], workers=1, delivery_enabled=False)
+        if args.hostname:
+            cfg.hostname = args.hostname
+        eng = Engine(cfg, events=False)
+        eng.start()
+        try:
+            qid = eng.send(data, sender=args.sender, recipients=args.to, pool=args.pool, tags=args.tag)
+        finally:
+            eng.stop()
+        print(f"queued {qid} (no engine running: it goes out when one starts)")
+    else:
+        print(f"queued {res['id']}")
     return 0
 
 
@@ -156,11 +215,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds to let transactions finish on stop")
     s.add_argument("--print-received", action="store_true", help="print a line per received message")
+    s.add_argument("--print-deliveries", action="store_true",
+                   help="print a line per delivery outcome")
+    s.add_argument("--dns", metavar="HOST:PORT[,HOST:PORT]",
+                   help="name servers for MX lookups (default: /etc/resolv.conf)")
+    s.add_argument("--remote-port", type=int, help="port of remote MX hosts (default 25)")
+    s.add_argument("--relay", metavar="HOST:PORT", help="send all remote mail through this smarthost")
+    s.add_argument("--relay-user", help="AUTH user for the relay (password from $MAILENGINE_RELAY_PASSWORD)")
+    s.add_argument("--relay-tls", choices=["none", "may", "starttls", "implicit"],
+                   help="TLS to the relay (default starttls, required)")
+    s.add_argument("--relay-no-verify", action="store_true",
+                   help="do not verify the relay's certificate")
+    s.add_argument("--no-delivery", action="store_true",
+                   help="queue only: nothing is delivered (hold everything)")
     s.set_defaults(func=_serve)
-    q = sub.add_parser("queue", help="list, show or delete queued messages")
+    sd = sub.add_parser("send", help="queue a message read from standard input")
+    sd.add_argument("--from", dest="sender", required=True, help="envelope sender ('' for <>)")
+    sd.add_argument("--to", action="append", required=True, help="recipient (repeatable)")
+    sd.add_argument("--data", default="./mail-data", help="data directory")
+    sd.add_argument("--pool", help="source-address pool")
+    sd.add_argument("--tag", action="append", help="tag carried into delivery events (repeatable)")
+    sd.add_argument("--hostname", help="name for a generated Message-ID")
+    sd.set_defaults(func=_send)
+    q = sub.add_parser("queue", help="list, show, hold, release, retry or delete queued messages")
     qs = q.add_subparsers(dest="action", required=True)
     for name, helptext in (("list", "list queued messages"), ("show", "print one message"),
-                           ("delete", "delete messages")):
+                           ("delete", "delete messages"), ("hold", "stop delivering messages"),
+                           ("release", "deliver held messages again"),
+                           ("retry", "retry deferred messages now")):
         a = qs.add_parser(name, help=helptext)
         a.add_argument("--data", default="./mail-data", help="data directory")
         a.add_argument("--json", action="store_true", help="JSON output")
@@ -168,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("id")
         elif name == "delete":
             a.add_argument("id", nargs="+")
+        elif name in ("hold", "release", "retry"):
+            a.add_argument("id", nargs="*", help="queue ids (none: every message)")
         a.set_defaults(func=_queue)
     h = sub.add_parser("hash-password", help="print a password hash for the users list")
     h.add_argument("password", nargs="?", help="(read from stdin or prompted when absent)")

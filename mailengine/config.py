@@ -59,6 +59,49 @@ class User:
 
 
 @dataclass
+class Policy:
+    """How mail to one destination (a domain, or the relay) is sent.
+    Rates are messages per second/minute/hour (None: no limit)."""
+
+    max_connections: int = 20             # Postfix: default_destination_concurrency_limit
+    max_messages_per_connection: int = 1000
+    max_recipients: int = 50              # per transaction (smtp_destination_recipient_limit)
+    rate_per_second: float | None = None
+    rate_per_minute: float | None = None
+    rate_per_hour: float | None = None
+    tls: str = "may"                      # none | may (STARTTLS when offered) | required
+    tls_verify: bool = False              # check the certificate against the MX host name
+    tls_ca_file: str | None = None        # None: the system store (when verifying)
+
+
+@dataclass
+class Relay:
+    """A smarthost: every remote recipient goes through it."""
+
+    host: str
+    port: int = 587
+    user: str | None = None
+    password: str | None = None
+    tls: str = "starttls"                 # none | may | starttls (required) | implicit (port 465)
+    tls_verify: bool = True
+    tls_ca_file: str | None = None
+
+
+@dataclass
+class DkimKey:
+    """Sign mail whose From: domain is ``domain`` (or a subdomain)."""
+
+    domain: str
+    selector: str
+    key_file: str
+    headers: list[str] | None = None      # None: From, To, Subject, Date, Message-ID, ...
+
+
+POLICY_TLS = ("none", "may", "required")
+RELAY_TLS = ("none", "may", "starttls", "implicit")
+
+
+@dataclass
 class Config:
     data_dir: str = "./mail-data"
     hostname: str = field(default_factory=socket.gethostname)
@@ -73,6 +116,23 @@ class Config:
     reject_unknown_local: bool = True     # 550 5.1.1 for unknown users of local domains
     log_level: str = "warning"
     limits: Limits = field(default_factory=Limits)
+    # -- outbound delivery (times in seconds) --
+    delivery_enabled: bool = True         # False: queue only, nothing leaves
+    dns: str | None = None                # "HOST:PORT[,HOST:PORT]"; None: /etc/resolv.conf
+    remote_port: int = 25                 # port of MX hosts
+    relay: Relay | None = None
+    default_policy: Policy = field(default_factory=Policy)
+    destinations: dict[str, Policy] = field(default_factory=dict)
+    source_pools: dict[str, list[str]] = field(default_factory=dict)
+    dkim: list[DkimKey] = field(default_factory=list)
+    retry_min: float = 300.0              # Postfix: minimal_backoff_time
+    retry_max: float = 4000.0             # Postfix: maximal_backoff_time
+    queue_lifetime: float = 5 * 86400.0   # Postfix: maximal_queue_lifetime
+    delay_warning: float | None = None    # send a delay notice after this long (None: never)
+    connect_timeout: float = 30.0
+    reply_timeout: float = 300.0
+    connection_idle_time: float = 2.0     # keep an idle outbound connection this long
+    bounce_max_return: int = 1 << 20      # bytes of the original returned in a bounce
 
     # -- building ---------------------------------------------------------
 
@@ -123,6 +183,16 @@ class Config:
             kw["listeners"] = [_listener(i, item) for i, item in enumerate(kw["listeners"])]
         if "users" in kw:
             kw["users"] = [_user(i, item) for i, item in enumerate(kw["users"])]
+        if isinstance(kw.get("relay"), dict):
+            kw["relay"] = _sub(Relay, kw["relay"], "relay")
+        if isinstance(kw.get("default_policy"), dict):
+            kw["default_policy"] = _sub(Policy, kw["default_policy"], "default_policy")
+        if isinstance(kw.get("destinations"), dict):
+            kw["destinations"] = {d: _sub(Policy, p, f"destinations.{d}") if isinstance(p, dict) else p
+                                  for d, p in kw["destinations"].items()}
+        if isinstance(kw.get("dkim"), list):
+            kw["dkim"] = [_sub(DkimKey, k, f"dkim[{i}]") if isinstance(k, dict) else k
+                          for i, k in enumerate(kw["dkim"])]
         if "limits" in kw:
             lim = kw["limits"]
             if not isinstance(lim, dict):
@@ -141,8 +211,6 @@ class Config:
             raise ConfigError("data_dir", "must be a directory path")
         if not isinstance(self.workers, int) or not 1 <= self.workers <= 256:
             raise ConfigError("workers", "must be a whole number from 1 to 256")
-        if not self.listeners:
-            raise ConfigError("listeners", "at least one listener is needed")
         seen: set[tuple[str, int]] = set()
         for i, ls in enumerate(self.listeners):
             if ls.kind not in LISTENER_KINDS:
@@ -190,6 +258,86 @@ class Config:
             if getattr(lim, name) <= 0:
                 raise ConfigError(f"limits.{name}", "must be positive")
 
+        self._validate_delivery()
+
+    def _validate_delivery(self) -> None:
+        if self.dns is not None:
+            for part in str(self.dns).split(","):
+                parse_hostport(part.strip() if ":" in part else part.strip() + ":53", "dns")
+        if not isinstance(self.remote_port, int) or not 0 < self.remote_port < 65536:
+            raise ConfigError("remote_port", "must be 1 to 65535")
+        for name in ("retry_min", "retry_max", "queue_lifetime", "connect_timeout", "reply_timeout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(name, "must be a positive number of seconds")
+        if self.retry_max < self.retry_min:
+            raise ConfigError("retry_max", "must not be less than retry_min")
+        if self.delay_warning is not None and self.delay_warning <= 0:
+            raise ConfigError("delay_warning", "must be positive (or None)")
+        _check_policy(self.default_policy, "default_policy")
+        for dom, pol in self.destinations.items():
+            if not dom or " " in dom or "@" in dom:
+                raise ConfigError(f"destinations.{dom}", "not a domain name")
+            _check_policy(pol, f"destinations.{dom}")
+        if self.relay is not None:
+            r = self.relay
+            if not isinstance(r, Relay):
+                raise ConfigError("relay", "must be a Relay")
+            if not r.host:
+                raise ConfigError("relay.host", "required")
+            if not isinstance(r.port, int) or not 0 < r.port < 65536:
+                raise ConfigError("relay.port", "must be 1 to 65535")
+            if r.tls not in RELAY_TLS:
+                raise ConfigError("relay.tls", f"must be one of {', '.join(RELAY_TLS)}")
+            if (r.user is None) != (r.password is None):
+                raise ConfigError("relay.user", "user and password go together")
+            if r.tls_ca_file is not None and not os.access(r.tls_ca_file, os.R_OK):
+                raise ConfigError("relay.tls_ca_file", f"cannot read {r.tls_ca_file}")
+        for name, addrs in self.source_pools.items():
+            if not addrs:
+                raise ConfigError(f"source_pools.{name}", "needs at least one address")
+            for a in addrs:
+                try:
+                    ipaddress.ip_address(a)
+                except ValueError:
+                    raise ConfigError(f"source_pools.{name}", f"{a!r} is not an IP address") from None
+        for i, k in enumerate(self.dkim):
+            if not isinstance(k, DkimKey):
+                raise ConfigError(f"dkim[{i}]", "must be a DkimKey")
+            if not os.access(k.key_file, os.R_OK):
+                raise ConfigError(f"dkim[{i}].key_file", f"cannot read {k.key_file}")
+
+    def delivery_to_core(self, events_to_python: bool) -> dict[str, Any]:
+        def pol(p: Policy, domain: str | None = None) -> dict[str, Any]:
+            d = {f.name: getattr(p, f.name) for f in fields(Policy)}
+            if domain is not None:
+                d["domain"] = domain.lower()
+            return d
+
+        relay = None
+        if self.relay is not None:
+            relay = {f.name: getattr(self.relay, f.name) for f in fields(Relay)}
+        return {
+            "enabled": self.delivery_enabled,
+            "events_to_python": events_to_python,
+            "dns": self.dns,
+            "remote_port": self.remote_port,
+            "relay": relay,
+            "retry_min": self.retry_min,
+            "retry_max": self.retry_max,
+            "lifetime": self.queue_lifetime,
+            "delay_warning": self.delay_warning,
+            "connect_timeout": self.connect_timeout,
+            "reply_timeout": self.reply_timeout,
+            "idle_time": self.connection_idle_time,
+            "bounce_max_return": self.bounce_max_return,
+            "default_policy": pol(self.default_policy),
+            "destinations": [pol(p, d) for d, p in self.destinations.items()],
+            "pools": [{"name": n, "addresses": list(a)} for n, a in self.source_pools.items()],
+            "dkim": [{"domain": k.domain.lower(), "selector": k.selector, "key_file": k.key_file,
+                      "headers": k.headers} for k in self.dkim],
+        }
+
     def ensure_tls(self) -> tuple[str, str]:
         """The certificate and key to use, generating a self-signed pair in
         data_dir/tls/ when none is configured."""
@@ -204,7 +352,7 @@ class Config:
             _core.generate_cert(str(cert), str(key), self.hostname)
         return str(cert), str(key)
 
-    def to_core(self, hooks_mask: int) -> dict[str, Any]:
+    def to_core(self, hooks_mask: int, events_to_python: bool = False) -> dict[str, Any]:
         """The dict the C engine reads (after validate())."""
         cert, key = self.ensure_tls()
         listeners = []
@@ -227,7 +375,36 @@ class Config:
             "hooks": hooks_mask,
             "log_level": LOG_LEVELS[self.log_level],
             "limits": {f.name: getattr(self.limits, f.name) for f in fields(Limits)},
+            "delivery": self.delivery_to_core(events_to_python),
         }
+
+
+def _sub(cls: Any, item: dict[str, Any], key: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    for k in item:
+        if k not in known:
+            raise ConfigError(f"{key}.{k}", "unknown setting")
+    try:
+        return cls(**item)
+    except TypeError as e:
+        raise ConfigError(key, str(e)) from None
+
+
+def _check_policy(p: Any, key: str) -> None:
+    if not isinstance(p, Policy):
+        raise ConfigError(key, "must be a Policy")
+    for name in ("max_connections", "max_messages_per_connection", "max_recipients"):
+        v = getattr(p, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{key}.{name}", "must be a whole number of at least 1")
+    for name in ("rate_per_second", "rate_per_minute", "rate_per_hour"):
+        v = getattr(p, name)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
+            raise ConfigError(f"{key}.{name}", "must be positive (or None for no limit)")
+    if p.tls not in POLICY_TLS:
+        raise ConfigError(f"{key}.tls", f"must be one of {', '.join(POLICY_TLS)}")
+    if p.tls_ca_file is not None and not os.access(p.tls_ca_file, os.R_OK):
+        raise ConfigError(f"{key}.tls_ca_file", f"cannot read {p.tls_ca_file}")
 
 
 def _listener(i: int, item: Any) -> Listener:

@@ -18,13 +18,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from . import _core
-from .config import Config
-from .errors import ConfigError, QueueError, StartError
+from .config import Config, Policy
+from .delivery import DeliveryEvent, SendError, envelope_bytes, message_bytes, outgoing_item
+from .errors import ConfigError, Error, QueueError, StartError
 from .hooks import (HOOK_NAMES, Accept, Envelope, ReceivedEvent, Reject, Session, TempFail,
                     parse_envelope, parse_params)
 from .queue import Queue
@@ -38,6 +40,7 @@ _HOOK_KINDS = {
     "rcpt_to": _core.HOOK_RCPT,
     "data": _core.HOOK_DATA,
     "auth": _core.HOOK_AUTH,
+    "destination_policy": _core.HOOK_POLICY,
 }
 _KIND_NAMES = {v: k for k, v in _HOOK_KINDS.items()}
 
@@ -53,6 +56,9 @@ class Engine:
         self._hooks: dict[str, Callable[..., Any]] = {}
         self._received_callbacks: list[Callable[[ReceivedEvent], Any]] = []
         self._received_queues: set[asyncio.Queue[ReceivedEvent | None]] = set()
+        self._delivery_callbacks: list[Callable[[DeliveryEvent], Any]] = []
+        self._delivery_queues: set[asyncio.Queue[DeliveryEvent | None]] = set()
+        self._want_deliveries = False
         self._core: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -69,7 +75,10 @@ class Engine:
         """Decorator registering a hook: connect(session), helo(session, name),
         mail_from(session, address, params), rcpt_to(session, address, params),
         data(session, envelope, message), auth(session, mechanism, username,
-        password). Plain functions and ``async def`` both work."""
+        password), and for delivery destination_policy(domain, mx_hosts) ->
+        Policy (or None for the configured one), asked once per destination
+        before its first connection. Plain functions and ``async def`` both
+        work."""
         if name not in HOOK_NAMES:
             raise ConfigError("hook", f"unknown hook {name!r}; known: {', '.join(HOOK_NAMES)}")
 
@@ -97,16 +106,108 @@ class Engine:
     async def received(self) -> AsyncIterator[ReceivedEvent]:
         """Async iterator over received events, from now until the engine stops.
         Register it before serving (or call once) so no event is missed."""
-        q: asyncio.Queue[ReceivedEvent | None] = asyncio.Queue()
-        self._received_queues.add(q)
-        try:
-            while True:
-                ev = await q.get()
-                if ev is None:
-                    return
-                yield ev
-        finally:
-            self._received_queues.discard(q)
+        async for ev in _drain_queue(self._received_queues):
+            yield ev
+
+    def on_delivery(self, fn: Callable[[DeliveryEvent], Any]) -> Callable[[DeliveryEvent], Any]:
+        """Decorator: fn(event) for every recipient's outcome (delivered,
+        deferred, bounced, expired). Register before the engine starts."""
+        if self._core is not None:
+            raise ConfigError("on_delivery", "register delivery callbacks before the engine starts")
+        self._delivery_callbacks.append(fn)
+        return fn
+
+    def watch_deliveries(self) -> None:
+        """Ask for delivery events in Python (for ``deliveries()``) before
+        the engine starts. Every event is also in data_dir/events.jsonl."""
+        if self._core is not None:
+            raise ConfigError("deliveries", "ask for delivery events before the engine starts")
+        self._want_deliveries = True
+
+    async def deliveries(self) -> AsyncIterator[DeliveryEvent]:
+        """Async iterator over delivery events from now until the engine
+        stops (call watch_deliveries() before starting)."""
+        async for ev in _drain_queue(self._delivery_queues):
+            yield ev
+
+    # -- sending ---------------------------------------------------------------
+
+    def _running_core(self) -> Any:
+        core = self._core
+        if core is None:
+            raise StartError("the engine is not running: start() or serve() it first")
+        return core
+
+    def send(self, message: bytes | str | Any, *, sender: str, recipients: Any,
+             pool: str | None = None, tags: Any = None) -> str:
+        """Queue one message durably and return its queue id. ``message`` is
+        bytes, str or an email.message.EmailMessage; Date: and Message-ID:
+        are added when missing. Returns once the message is on disk."""
+        core = self._running_core()
+        item = (envelope_bytes(sender, recipients, pool, tags),
+                message_bytes(message, self.config.hostname))
+        ids = core.submit([item])
+        if not ids or ids[0] is None:
+            raise SendError("the spool could not store the message (see the log)")
+        return ids[0]
+
+    def send_many(self, items: Any, *, batch: int = 256) -> list[str]:
+        """Queue many messages: items are (message, sender, recipients)
+        tuples (optionally with pool and tags) or dicts. They are written in
+        batches of ``batch`` (one disk sync each), so memory stays bounded
+        by the batch whatever the iterable's length. Returns the queue ids."""
+        core = self._running_core()
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        host = self.config.hostname
+        ids: list[str] = []
+        chunk: list[tuple[bytes, bytes]] = []
+        for it in items:
+            msg, sender, rcpts, pool, tags = outgoing_item(it)
+            chunk.append((envelope_bytes(sender, rcpts, pool, tags), message_bytes(msg, host)))
+            if len(chunk) >= batch:
+                ids.extend(self._submit(core, chunk))
+                chunk = []
+        if chunk:
+            ids.extend(self._submit(core, chunk))
+        return ids
+
+    @staticmethod
+    def _submit(core: Any, chunk: list[tuple[bytes, bytes]]) -> list[str]:
+        got = core.submit(chunk)
+        if any(i is None for i in got):
+            raise SendError(f"the spool could not store {sum(i is None for i in got)} message(s)")
+        return got
+
+    # -- queue control on the running engine -------------------------------------
+
+    def _control(self, op: int, queue_id: str | None) -> int:
+        rc = self._running_core().queue_control(op, queue_id)
+        if rc < 0:
+            raise QueueError(f"no queued message {queue_id}" if queue_id else "queue control failed")
+        return rc
+
+    def hold(self, queue_id: str | None = None) -> int:
+        """Stop delivery of a message (or of all); returns how many."""
+        return self._control(_core.QOP_HOLD, queue_id)
+
+    def release(self, queue_id: str | None = None) -> int:
+        """Undo hold(): the message is delivered now."""
+        return self._control(_core.QOP_RELEASE, queue_id)
+
+    def retry(self, queue_id: str | None = None) -> int:
+        """Try deferred messages now instead of waiting for their next retry."""
+        return self._control(_core.QOP_RETRY, queue_id)
+
+    def delete(self, queue_id: str) -> None:
+        """Remove a message from the queue without a bounce."""
+        if not queue_id:
+            raise QueueError("delete needs a queue id")
+        self._control(_core.QOP_DELETE, queue_id)
+
+    def queue_stats(self) -> dict[str, int]:
+        """Messages queued, open connections, and counts of outcomes so far."""
+        return dict(self._running_core().queue_stats())
 
     # -- running ------------------------------------------------------------
 
@@ -121,7 +222,9 @@ class Engine:
     def _make_core(self) -> Any:
         self.config.validate()
         try:
-            cfg = self.config.to_core(self._hooks_mask())
+            wants = bool(self._delivery_callbacks) or self._want_deliveries
+            cfg = self.config.to_core(self._hooks_mask(), events_to_python=wants)
+            cfg["delivery"]["policy_hook"] = "destination_policy" in self._hooks
         except OSError as e:
             raise StartError(f"cannot prepare TLS certificate: {e}") from e
         try:
@@ -143,10 +246,25 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         self._loop.add_reader(core.fileno(), self._on_requests)
+        control = None
+        try:
+            from .control import serve_control
+
+            control = await serve_control(self, self.config.data_dir)
+        except (OSError, Error) as e:
+            log.warning("mailengine: no control socket: %s", e)
         self._ready.set()
         try:
             await self._stop_event.wait()
         finally:
+            if control is not None:
+                control.close()
+                from .control import socket_path
+
+                try:
+                    os.unlink(socket_path(self.config.data_dir))
+                except OSError:
+                    pass
             timeout = self._stop_timeout
             core.stop(timeout)
             # Hooks still pending are answered while the workers drain; at
@@ -164,6 +282,8 @@ class Engine:
             self._on_requests()
             for q in list(self._received_queues):
                 q.put_nowait(None)
+            for dq in list(self._delivery_queues):
+                dq.put_nowait(None)
             for t in list(self._tasks):
                 t.cancel()
             self._core = None
@@ -239,6 +359,20 @@ class Engine:
 
     def _dispatch(self, req: Any) -> None:
         kind = req.kind
+        if kind == _core.EVENT_DELIVERY:
+            line = req.args[0]
+            req.reply(_core.ACCEPT)
+            dev = DeliveryEvent.from_json(line)
+            for dcb in self._delivery_callbacks:
+                try:
+                    res = dcb(dev)
+                    if inspect.isawaitable(res):
+                        self._spawn(res, None)
+                except Exception:
+                    log.exception("mailengine: delivery callback failed")
+            for dq in self._delivery_queues:
+                dq.put_nowait(dev)
+            return
         sid, ip, port, listener, helo, auth_user, tls = req.session
         session = Session(sid, ip, port, listener, helo, auth_user, tls)
         a1, a2, a3 = req.args
@@ -261,6 +395,9 @@ class Engine:
         if fn is None:
             req.reply(_core.ACCEPT)
             return
+        if name == "destination_policy":
+            self._policy_call(req, fn)
+            return
         if name == "connect":
             args: tuple[Any, ...] = (session,)
         elif name == "helo":
@@ -281,6 +418,39 @@ class Engine:
             self._spawn(res, (req, name))
         else:
             _answer(req, name, res)
+
+    def _policy_call(self, req: Any, fn: Callable[..., Any]) -> None:
+        a1, a2, _ = req.args
+        hosts = [h for h in (a2 or "").split(" ") if h]
+
+        def answer(res: Any) -> None:
+            if res is None:
+                req.reply(_core.ACCEPT)
+            elif isinstance(res, Policy):
+                req.reply(_core.ACCEPT, 0, _policy_words(res))
+            else:
+                log.error("mailengine: destination_policy returned %r; expected a Policy or None", res)
+                req.reply(_core.ACCEPT)
+
+        try:
+            res = fn(a1, hosts)
+        except Exception:
+            log.exception("mailengine: destination_policy hook raised; the configured policy applies")
+            req.reply(_core.ACCEPT)
+            return
+        if inspect.isawaitable(res):
+            async def runner() -> None:
+                try:
+                    answer(await res)
+                except Exception:
+                    log.exception("mailengine: destination_policy hook raised; the configured policy applies")
+                    req.reply(_core.ACCEPT)
+
+            task = asyncio.ensure_future(runner())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            answer(res)
 
     def _spawn(self, aw: Awaitable[Any], pending: tuple[Any, str] | None) -> None:
         async def runner() -> None:
@@ -322,6 +492,31 @@ def _answer(req: Any, name: str, res: Any) -> None:
         log.error("mailengine: %s hook returned %r; expected Accept, Reject, TempFail or None",
                   name, res)
         _answer_error(req)
+
+
+async def _drain_queue(registry: set[Any]) -> AsyncIterator[Any]:
+    """Events put into a queue registered in ``registry`` until None comes."""
+    q: asyncio.Queue[Any] = asyncio.Queue()
+    registry.add(q)
+    try:
+        while True:
+            ev = await q.get()
+            if ev is None:
+                return
+            yield ev
+    finally:
+        registry.discard(q)
+
+
+def _policy_words(p: Policy) -> str:
+    """The policy as the queue reads it: key=value words."""
+    words = [f"max_connections={int(p.max_connections)}",
+             f"max_messages_per_connection={int(p.max_messages_per_connection)}",
+             f"max_recipients={int(p.max_recipients)}", f"tls={p.tls}"]
+    for name in ("rate_per_second", "rate_per_minute", "rate_per_hour"):
+        v = getattr(p, name)
+        words.append(f"{name}={float(v) if v else 0.0}")
+    return " ".join(words)
 
 
 def _answer_error(req: Any) -> None:

@@ -92,3 +92,19 @@ class Queue:
             raise QueueError(f"cannot delete {queue_id}: {e}") from None
         if not ok:
             raise QueueError(f"no queued message {queue_id!r}")
+
+    def hold(self, queue_id: str | None, on: bool = True) -> int:
+        """Hold (or release) a message, or all, in the spool of an engine
+        that is not running: the queue reads the mark when it starts.
+        Returns how many messages were marked."""
+        ids = [queue_id] if queue_id else [e.id for e in self.list()]
+        n = 0
+        for qid in ids:
+            try:
+                ok = _core.queue_mark(self.data_dir, qid, "H" if on else "U")
+            except OSError as e:
+                raise QueueError(f"cannot mark {qid}: {e}") from None
+            if not ok and queue_id:
+                raise QueueError(f"no queued message {queue_id!r}")
+            n += bool(ok)
+        return n

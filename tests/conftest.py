@@ -72,7 +72,9 @@ def ports() -> Ports:
 def make_config(data_dir: Path, ports: Ports, **kw: object) -> Config:
     """A test configuration: three listeners on free loopback ports, local
     domain example.test with user alice@example.test / password 'secret'
-    (fast hash), loopback trusted unless told otherwise, no auth delay."""
+    (fast hash), loopback trusted unless told otherwise, no auth delay.
+    Delivery is off (mail for other domains stays queued) unless a test
+    turns it on with its own DNS."""
     limits = kw.pop("limits", None) or Limits(auth_fail_delay=0.0)
     cfg = Config(
         data_dir=str(data_dir),
@@ -85,6 +87,7 @@ def make_config(data_dir: Path, ports: Ports, **kw: object) -> Config:
         domains=["example.test"],
         workers=2,
         limits=limits,  # type: ignore[arg-type]
+        delivery_enabled=False,
     )
     cfg.add_user("alice@example.test", "secret", rounds=1000)
     for k, v in kw.items():
@@ -142,7 +145,7 @@ def cli_server(tmp_path: Path, ports: Ports) -> Iterator[Callable[..., CliServer
         d = data or tmp_path / "cli-data"
         cmd = [sys.executable, "-m", "mailengine", "serve", "--data", str(d),
                "--smtp", f"127.0.0.1:{ports.mx}", "--submission", f"127.0.0.1:{ports.submission}",
-               "--smtps", f"127.0.0.1:{ports.smtps}", "--workers", "2", *extra]
+               "--smtps", f"127.0.0.1:{ports.smtps}", "--workers", "2", "--no-delivery", *extra]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         srv = CliServer(proc, d, ports)
         procs.append(srv)

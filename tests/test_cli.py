@@ -149,7 +149,8 @@ def test_serve_flags(cli_server, tmp_path):
         # The password is everything after the first colon.
         assert s.docmd("AUTH", "PLAIN " + plain_ir("bob@second.test", "pw:two"))[0] == 235
     # --workers 1: one worker spool.
-    assert sorted(p.name for p in (srv.data / "spool").iterdir()) == ["w00"]
+    # One spool per worker, and the queue's own (w99) for send() and bounces.
+    assert sorted(p.name for p in (srv.data / "spool").iterdir()) == ["w00", "w99"]
     # No self-signed certificate was made when one was given.
     assert not (srv.data / "tls").exists()
     assert srv.stop() == 0
@@ -439,7 +440,8 @@ def test_embedded_default(tmp_path):
     if not ports_free(2525, 2587, 2465):
         pytest.skip("127.0.0.1:2525/2587/2465 are busy")
     data = tmp_path / "default-data"
-    proc = subprocess.Popen([sys.executable, "-m", "mailengine", "serve", "--data", str(data)],
+    proc = subprocess.Popen([sys.executable, "-m", "mailengine", "serve", "--data", str(data),
+                             "--no-delivery"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out = LineReader(proc.stdout)

@@ -24,7 +24,7 @@ import aiosmtplib
 import pytest
 
 from conftest import ASAN, ROOT, Ports, free_port, make_config
-from mailengine import (Accept, Config, ConfigError, Engine, Limits, Listener, Reject,
+from mailengine import (Accept, Config, ConfigError, DkimKey, Engine, Limits, Listener, Policy, Reject, Relay,
                         StartError, TempFail, _core)
 from smtpclient import auth_plain as plain_ir, client_tls as tls_context
 
@@ -642,7 +642,17 @@ def test_config_errors_name_the_key(engine_factory, ports, tmp_path):
         ({"listeners": [Listener("mx", HOST, 70000)]}, "listeners[0].port"),
         ({"listeners": [Listener("mx", HOST, ports.mx), Listener("submission", HOST, ports.mx)]},
          "listeners[1]"),
-        ({"listeners": []}, "listeners"),
+        ({"remote_port": 0}, "remote_port"),
+        ({"dns": "127.0.0.1:x"}, "dns"),
+        ({"retry_min": 60.0, "retry_max": 10.0}, "retry_max"),
+        ({"default_policy": Policy(tls="always")}, "default_policy.tls"),
+        ({"destinations": {"slow.test": Policy(rate_per_second=0)}}, "destinations.slow.test.rate_per_second"),
+        ({"destinations": {"x.test": Policy(max_connections=0)}}, "destinations.x.test.max_connections"),
+        ({"relay": Relay("", 25)}, "relay.host"),
+        ({"relay": Relay("smarthost.test", 25, tls="sometimes")}, "relay.tls"),
+        ({"relay": Relay("smarthost.test", 25, user="u")}, "relay.user"),
+        ({"source_pools": {"bulk": ["not-an-ip"]}}, "source_pools.bulk"),
+        ({"dkim": [DkimKey("example.test", "s1", str(tmp_path / "missing.key"))]}, "dkim[0].key_file"),
         ({"trusted_networks": ["127.0.0.0/8", "10.1.2.300/8"]}, "trusted_networks[1]"),
         ({"trusted_networks": ["not-a-net"]}, "trusted_networks[0]"),
         ({"tls_cert": str(tmp_path / "missing.pem"), "tls_key": str(tmp_path / "missing.key")},

@@ -44,11 +44,14 @@ struct smtp_limits {
 enum hook_kind {
     HOOK_CONNECT = 0, HOOK_HELO, HOOK_MAIL, HOOK_RCPT, HOOK_DATA, HOOK_AUTH,
     EVENT_RECEIVED,
+    EVENT_DELIVERY,               /* a recipient's outcome (JSON line) */
+    HOOK_POLICY,                  /* destination_policy(domain, mx_hosts) */
     HOOK_KIND_COUNT
 };
 
 struct users;
 struct tls_ctx;
+struct delivery_cfg;
 
 struct me_config {
     char *data_dir;
@@ -66,6 +69,7 @@ struct me_config {
     bool reject_unknown_local;   /* local recipients must be users */
     struct smtp_limits limits;
     unsigned hooks;              /* 1u << enum hook_kind for each registered */
+    struct delivery_cfg *delivery;   /* outbound delivery (queue/queue.h) */
     int log_level;
 };
 

@@ -14,6 +14,10 @@
 #include "core/log.h"
 #include "tls/tls.h"
 
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24   /* linux/in.h; glibc lacks it */
+#endif
+
 #define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
 
 /* Input the protocol has not used yet may grow to this while it is
@@ -351,6 +355,63 @@ void conn_init(struct conn *c, struct loop *l, int fd, const struct conn_proto *
     recv_arm(c);
 }
 
+static void on_connect_done(struct loop_op *op, struct io_uring_cqe *cqe)
+{
+    struct conn *c = container_of(op, struct conn, send_op);
+    c->send_op.fn = on_send;
+    c->flags &= ~(CONN_SENDING | CONN_CONNECTING | CONN_CANCELLING);
+    if (conn_closing(c)) {
+        conn_maybe_finish(c);
+        return;
+    }
+    if (cqe->res < 0) {
+        c->proto->on_connect(c, cqe->res);
+        return;
+    }
+    recv_arm(c);
+    c->proto->on_connect(c, 0);
+}
+
+int conn_connect(struct conn *c, struct loop *l, const struct conn_addr *to,
+                 const struct conn_addr *from, const struct conn_proto *proto)
+{
+    memset(c, 0, sizeof *c);
+    int fam = to->family == AF_INET6 ? AF_INET6 : AF_INET;
+    int fd = socket(fam, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (from && from->family == fam) {
+        struct sockaddr_storage ss;
+        socklen_t sl = conn_addr_to_sockaddr(from, &ss);
+        /* The kernel picks the port when the connect needs one. */
+        setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+        if (bind(fd, (struct sockaddr *)&ss, sl) < 0) {
+            int err = -errno;
+            close(fd);
+            return err;
+        }
+    }
+    c->loop = l;
+    c->fd = fd;
+    c->proto = proto;
+    c->recv_op.fn = on_recv;
+    c->send_op.fn = on_connect_done;
+    c->flush_task.fn = conn_flush_run;
+    c->timer.fn = on_timer;
+    c->peer = *to;
+    struct sockaddr_storage dst;
+    socklen_t dl = conn_addr_to_sockaddr(to, &dst);
+    struct io_uring_sqe *sqe = loop_sqe(l);
+    io_uring_prep_connect(sqe, fd, (struct sockaddr *)&dst, dl);
+    loop_sqe_set_op(sqe, &c->send_op);
+    c->flags |= CONN_SENDING | CONN_CONNECTING;
+    /* The kernel copies the address when it takes the SQE: submit while
+     * dst is still alive. */
+    io_uring_submit(&l->ring);
+    return 0;
+}
+
 void conn_write(struct conn *c, const void *p, size_t n)
 {
     if (c->flags & CONN_CLOSED) return;
@@ -381,6 +442,17 @@ int conn_start_tls(struct conn *c, struct tls_ctx *ctx)
     c->tls = t;
     c->flags |= CONN_TLS_HANDSHAKE;
     bytebuf_free(&c->in);
+    return 0;
+}
+
+int conn_start_tls_client(struct conn *c, struct tls_ctx *ctx, const char *sni)
+{
+    struct tls_conn *t = tls_conn_new(ctx, 0, sni);
+    if (!t) return -1;
+    c->tls = t;
+    c->flags |= CONN_TLS_HANDSHAKE;
+    bytebuf_free(&c->in);
+    tls_pump(c);   /* the ClientHello goes out now */
     return 0;
 }
 
@@ -445,6 +517,16 @@ static void conn_abort(struct conn *c)
 static void conn_maybe_finish(struct conn *c)
 {
     if (c->flags & CONN_CLOSED) return;
+    if (c->flags & CONN_CONNECTING) {
+        /* The connect op still refers to c: cancel it, finish on its CQE. */
+        if (!(c->flags & CONN_CANCELLING)) {
+            struct io_uring_sqe *sqe = loop_sqe(c->loop);
+            io_uring_prep_cancel(sqe, &c->send_op, 0);
+            loop_sqe_set_op(sqe, NULL);
+            c->flags |= CONN_CANCELLING;
+        }
+        return;
+    }
     if (c->flags & (CONN_SENDING | CONN_RECV_ARMED)) {
         recv_cancel(c);
         return;
@@ -472,6 +554,23 @@ const char *conn_addr_str(const struct conn_addr *a, char *buf, size_t len)
     if (!inet_ntop(a->family == AF_INET6 ? AF_INET6 : AF_INET, a->addr, buf, (socklen_t)len))
         snprintf(buf, len, "unknown");
     return buf;
+}
+
+unsigned conn_addr_to_sockaddr(const struct conn_addr *a, struct sockaddr_storage *ss)
+{
+    memset(ss, 0, sizeof *ss);
+    if (a->family == AF_INET6) {
+        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
+        s6->sin6_family = AF_INET6;
+        s6->sin6_port = htons(a->port);
+        memcpy(&s6->sin6_addr, a->addr, 16);
+        return sizeof *s6;
+    }
+    struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
+    s4->sin_family = AF_INET;
+    s4->sin_port = htons(a->port);
+    memcpy(&s4->sin_addr, a->addr, 4);
+    return sizeof *s4;
 }
 
 void conn_addr_from_sockaddr(struct conn_addr *a, const void *sa)

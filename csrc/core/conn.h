@@ -30,6 +30,9 @@ struct conn_proto {
     /* The connection is gone (socket closed, no more I/O); the protocol
      * frees its state, now or once its own pending work returns. */
     void (*on_close)(struct conn *c);
+    /* Outbound only: the connect finished (0) or failed (-errno; the
+     * protocol closes the conn). Reading starts after a success. */
+    void (*on_connect)(struct conn *c, int err);
 };
 
 enum {
@@ -45,6 +48,7 @@ enum {
     CONN_TLS_BYE      = 1u << 9,   /* our close_notify is queued */
     CONN_INPUT_EOF    = 1u << 10,  /* the peer half-closed: no more input */
     CONN_OUT_FULL     = 1u << 11,  /* too much unsent output: input held */
+    CONN_CONNECTING   = 1u << 12,  /* outbound connect in flight (on send_op) */
 };
 
 struct conn_addr {
@@ -68,12 +72,20 @@ struct conn {
     struct bytebuf tls_pt;   /* plaintext waiting to be encrypted */
     struct tls_conn *tls;
     struct conn_addr peer;
+    void *data;              /* the protocol's, for outbound conns */
 };
 
 /* Set up c for an accepted socket and start reading. tls_ctx non-NULL
  * starts with a TLS handshake (implicit TLS). */
 void conn_init(struct conn *c, struct loop *l, int fd, const struct conn_proto *proto,
                struct tls_ctx *tls_ctx);
+
+/* Outbound: a new non-blocking socket connected to `to`, bound first to
+ * `from` when it is non-NULL (a source address of a pool). on_connect
+ * follows; a deadline set with conn_set_timeout covers the connect too.
+ * 0, or -errno when no socket could be made (nothing to close then). */
+int conn_connect(struct conn *c, struct loop *l, const struct conn_addr *to,
+                 const struct conn_addr *from, const struct conn_proto *proto);
 
 /* Queue bytes for the peer (encrypted when TLS is on); sent at end of turn. */
 void conn_write(struct conn *c, const void *p, size_t n);
@@ -83,6 +95,11 @@ void conn_printf(struct conn *c, const char *fmt, ...) __attribute__((format(pri
  * discarded (RFC 3207 §4.2: nothing pipelined before the handshake
  * counts). Output queued before this call still goes out in plaintext. */
 int conn_start_tls(struct conn *c, struct tls_ctx *ctx);
+/* Begin a client-side handshake now (after STARTTLS's 220, or at once
+ * for implicit TLS); sni names the server (and is what a verifying
+ * context checks the certificate against). Input already buffered is
+ * discarded. */
+int conn_start_tls_client(struct conn *c, struct tls_ctx *ctx, const char *sni);
 bool conn_is_tls(const struct conn *c);
 const char *conn_tls_version(const struct conn *c);
 const char *conn_tls_cipher(const struct conn *c);
@@ -104,5 +121,8 @@ static inline bool conn_closing(const struct conn *c)
 /* "192.0.2.1" / "2001:db8::1" into buf (at least 46 bytes). */
 const char *conn_addr_str(const struct conn_addr *a, char *buf, size_t len);
 void conn_addr_from_sockaddr(struct conn_addr *a, const void *sa);
+struct sockaddr_storage;
+/* The reverse: fills ss, returns its length. */
+unsigned conn_addr_to_sockaddr(const struct conn_addr *a, struct sockaddr_storage *ss);
 
 #endif

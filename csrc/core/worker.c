@@ -15,6 +15,7 @@
 
 #include "core/log.h"
 #include "core/offload.h"
+#include "queue/queue.h"
 #include "queue/spool.h"
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
@@ -165,6 +166,20 @@ static void on_stop_msg(struct loop *l, struct loop_msg *m)
     drain_tick(&drain_timer.t);
 }
 
+static void worker_committed(void *arg, const struct spool_rec *r, uint32_t seg, uint64_t off,
+                             uint64_t len)
+{
+    (void)r;
+    struct worker *w = arg;
+    queue_record_committed(w->eng->queue, w->id, seg, off, len);
+}
+
+static void worker_sealed(void *arg, uint32_t seg, uint32_t nrecords)
+{
+    struct worker *w = arg;
+    queue_segment_sealed(w->eng->queue, w->id, seg, nrecords);
+}
+
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
@@ -178,6 +193,8 @@ static void *worker_main(void *arg)
         if (!w->spool) {
             rc = -1;
             loop_destroy(&w->loop);
+        } else if (e->queue) {
+            spool_set_hooks(w->spool, worker_committed, worker_sealed, w);
         }
     }
     pthread_mutex_lock(&e->start_lock);
@@ -236,6 +253,16 @@ static void close_listeners(struct engine *e)
     free(e->workers);
 }
 
+static void stop_queue_now(struct engine *e)
+{
+    if (!e->queue) return;
+    e->stop_deadline_ms = 0;
+    queue_request_stop(e->queue);
+    queue_join(e->queue);
+    queue_free(e->queue);
+    e->queue = NULL;
+}
+
 int engine_start(struct engine *e, char *err, size_t errlen)
 {
     struct me_config *cfg = e->cfg;
@@ -277,6 +304,11 @@ int engine_start(struct engine *e, char *err, size_t errlen)
             if (ls->fd < 0) goto fail;
         }
     }
+    if (cfg->delivery) {
+        /* The queue reads the spool before any worker adds a segment. */
+        e->queue = queue_start(e, err, errlen);
+        if (!e->queue) goto fail;
+    }
     if (offload_start() < 0) {
         snprintf(err, errlen, "cannot start the offload thread");
         goto fail;
@@ -316,10 +348,12 @@ int engine_start(struct engine *e, char *err, size_t errlen)
         close_listeners(e);
         e->workers = NULL;
         e->nworkers = 0;
+        stop_queue_now(e);
         return -1;
     }
     return 0;
 fail:
+    stop_queue_now(e);
     close_listeners(e);
     e->workers = NULL;
     e->nworkers = 0;
@@ -332,6 +366,7 @@ void engine_request_stop(struct engine *e, uint64_t timeout_ms)
     if (atomic_exchange(&e->stop_posted, true)) return;
     e->stop_deadline_ms = timer_now_ms() + timeout_ms;
     for (int i = 0; i < e->nworkers; i++) loop_post(&e->workers[i].loop, &e->workers[i].stop_msg);
+    if (e->queue) queue_request_stop(e->queue);
 }
 
 void engine_join(struct engine *e)
@@ -342,6 +377,7 @@ void engine_join(struct engine *e)
      * it (checks take milliseconds; the loops' inboxes stay valid). */
     while (atomic_load(&e->offload_jobs) > 0) usleep(1000);
     if (e->nworkers > 0) offload_stop();
+    queue_join(e->queue);
     e->joined = true;
 }
 
@@ -356,4 +392,6 @@ void engine_free(struct engine *e)
     free(e->workers);
     e->workers = NULL;
     e->nworkers = 0;
+    queue_free(e->queue);
+    e->queue = NULL;
 }

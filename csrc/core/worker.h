@@ -12,6 +12,7 @@
 
 struct bridge;
 struct spool;
+struct queue;
 struct engine;
 struct worker;
 
@@ -52,6 +53,7 @@ struct engine {
     struct worker *workers;
     int nworkers;
     struct bridge *bridge;
+    struct queue *queue;              /* delivery; NULL when not configured */
     atomic_uint conns_total;
     /* Connections per client address, hashed: a collision can only make
      * the limit stricter for the two addresses that share a slot. */

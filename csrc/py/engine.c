@@ -13,6 +13,7 @@
 #include "core/worker.h"
 #include "py/bridge.h"
 #include "py/module.h"
+#include "queue/queue.h"
 #include "store/users.h"
 #include "tls/tls.h"
 
@@ -211,6 +212,7 @@ static void config_free(struct me_config *cfg)
     free(cfg->trusted);
     if (cfg->users) users_free(cfg->users);
     if (cfg->tls) tls_ctx_free(cfg->tls);
+    delivery_cfg_free(cfg->delivery);
     memset(cfg, 0, sizeof *cfg);
 }
 
@@ -393,6 +395,11 @@ static int config_from_dict(struct me_config *cfg, PyObject *d)
     if (L->max_errors == 0) L->max_errors = 1;
     if (L->max_auth_failures == 0) L->max_auth_failures = 1;
     if (L->command_timeout_ms == 0 || L->data_timeout_ms == 0) FAIL("limits: timeouts must be positive");
+    PyObject *dl = PyDict_GetItemString(d, "delivery");
+    if (dl && dl != Py_None) {
+        cfg->delivery = delivery_cfg_from_dict(dl);
+        if (!cfg->delivery) goto fail;
+    }
     return 0;
 fail:
     config_free(cfg);
@@ -511,6 +518,102 @@ static PyObject *engine_join_py(EngineObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+static int queue_usable(EngineObject *self)
+{
+    if (self->state != 1 || !self->eng.queue || atomic_load(&self->eng.stop_posted)) {
+        PyErr_SetString(PyExc_RuntimeError, "the engine is not running (or has no queue)");
+        return 0;
+    }
+    return 1;
+}
+
+/* submit([(envelope_bytes, message_bytes), ...]) -> [queue id or None, ...]:
+ * durable when it returns. */
+static PyObject *engine_submit(EngineObject *self, PyObject *arg)
+{
+    if (!queue_usable(self)) return NULL;
+    PyObject *seq = PySequence_Fast(arg, "submit() takes a list of (envelope, message) pairs");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    struct queue_item *items = calloc(n ? (size_t)n : 1, sizeof *items);
+    if (!items) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(seq, i);
+        const char *env, *msg;
+        Py_ssize_t el, ml;
+        if (!PyArg_ParseTuple(t, "y#y#", &env, &el, &msg, &ml)) goto fail;
+        items[i].env = malloc((size_t)el + 1);
+        items[i].msg = malloc((size_t)ml + 1);
+        if (!items[i].env || !items[i].msg) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        memcpy(items[i].env, env, (size_t)el);
+        items[i].env_len = (size_t)el;
+        memcpy(items[i].msg, msg, (size_t)ml);
+        items[i].msg_len = (size_t)ml;
+    }
+    Py_DECREF(seq);
+    Py_BEGIN_ALLOW_THREADS
+    queue_submit(self->eng.queue, items, (size_t)n);
+    Py_END_ALLOW_THREADS
+    PyObject *out = PyList_New(n);
+    for (Py_ssize_t i = 0; out && i < n; i++) {
+        PyObject *v = items[i].err ? Py_NewRef(Py_None) : PyUnicode_FromString(items[i].id);
+        free(items[i].env);
+        free(items[i].msg);
+        if (!v) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, i, v);
+    }
+    free(items);
+    return out;
+fail:
+    for (Py_ssize_t i = 0; i < n; i++) {
+        free(items[i].env);
+        free(items[i].msg);
+    }
+    free(items);
+    Py_DECREF(seq);
+    return NULL;
+}
+
+static PyObject *engine_queue_control(EngineObject *self, PyObject *args)
+{
+    int op;
+    const char *id = NULL;
+    if (!PyArg_ParseTuple(args, "i|z", &op, &id)) return NULL;
+    if (op < QOP_HOLD || op > QOP_FLUSH) {
+        PyErr_SetString(PyExc_ValueError, "unknown queue operation");
+        return NULL;
+    }
+    if (!queue_usable(self)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = queue_control(self->eng.queue, (enum queue_op)op, id);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *engine_queue_stats(EngineObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (!queue_usable(self)) return NULL;
+    struct queue_stats st;
+    queue_get_stats(self->eng.queue, &st);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "messages", (unsigned long long)st.messages,
+                         "connections", (unsigned long long)st.active_connections,
+                         "delivered", (unsigned long long)st.delivered,
+                         "deferred", (unsigned long long)st.deferred,
+                         "bounced", (unsigned long long)st.bounced,
+                         "expired", (unsigned long long)st.expired);
+}
+
 static PyObject *engine_get_running(EngineObject *self, void *c)
 {
     (void)c;
@@ -556,6 +659,11 @@ static PyMethodDef engine_methods[] = {
     {"stop", (PyCFunction)engine_stop_py, METH_VARARGS,
      "stop(timeout=30.0): stop accepting, let transactions finish for up to timeout seconds."},
     {"join", (PyCFunction)engine_join_py, METH_NOARGS, "Wait for the workers to end (GIL released)."},
+    {"submit", (PyCFunction)engine_submit, METH_O,
+     "submit([(envelope, message), ...]) -> [queue id or None]: durable on return."},
+    {"queue_control", (PyCFunction)engine_queue_control, METH_VARARGS,
+     "queue_control(op, id=None) -> count of messages affected, or -errno."},
+    {"queue_stats", (PyCFunction)engine_queue_stats, METH_NOARGS, "Counters of the delivery queue."},
     {NULL, NULL, 0, NULL},
 };
 

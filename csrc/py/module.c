@@ -9,6 +9,7 @@
 
 #include "py/bridge.h"
 #include "py/module.h"
+#include "queue/queue.h"
 #include "queue/spool.h"
 #include "store/users.h"
 #include "tls/tls.h"
@@ -94,14 +95,13 @@ static PyObject *py_queue_read(PyObject *mod, PyObject *args)
     return rc.result;
 }
 
-static PyObject *py_queue_delete(PyObject *mod, PyObject *args)
+/* Append a state-log line for id: True, False when no live message has
+ * that id, OSError otherwise. */
+static PyObject *queue_mark_common(const char *dir, const char *id, char letter)
 {
-    (void)mod;
-    const char *dir, *id;
-    if (!PyArg_ParseTuple(args, "ss", &dir, &id)) return NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = spool_delete(dir, id);
+    rc = spool_mark(dir, id, letter);
     Py_END_ALLOW_THREADS
     if (rc == -ENOENT) Py_RETURN_FALSE;
     if (rc < 0) {
@@ -109,6 +109,27 @@ static PyObject *py_queue_delete(PyObject *mod, PyObject *args)
         return PyErr_SetFromErrnoWithFilename(PyExc_OSError, dir);
     }
     Py_RETURN_TRUE;
+}
+
+static PyObject *py_queue_delete(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    const char *dir, *id;
+    if (!PyArg_ParseTuple(args, "ss", &dir, &id)) return NULL;
+    return queue_mark_common(dir, id, 'D');
+}
+
+static PyObject *py_queue_mark(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    const char *dir, *id;
+    int letter;
+    if (!PyArg_ParseTuple(args, "ssC", &dir, &id, &letter)) return NULL;
+    if (letter != 'H' && letter != 'U') {
+        PyErr_SetString(PyExc_ValueError, "letter must be 'H' or 'U'");
+        return NULL;
+    }
+    return queue_mark_common(dir, id, (char)letter);
 }
 
 /* ---- passwords and certificates ---- */
@@ -179,6 +200,8 @@ static PyMethodDef module_methods[] = {
      "queue_read(data_dir, id) -> (id, arrival_ms, envelope, message) or None"},
     {"queue_delete", py_queue_delete, METH_VARARGS,
      "queue_delete(data_dir, id) -> True if deleted, False if no such message"},
+    {"queue_mark", py_queue_mark, METH_VARARGS,
+     "queue_mark(data_dir, id, 'H'|'U') -> True if marked (hold/release for the next start)"},
     {"hash_password", py_hash_password, METH_VARARGS, "hash_password(password, rounds=0) -> str"},
     {"verify_password", py_verify_password, METH_VARARGS, "verify_password(stored, password) -> bool"},
     {"hash_is_known", py_hash_is_known, METH_VARARGS, "hash_is_known(stored) -> bool"},
@@ -198,6 +221,13 @@ static int module_exec(PyObject *mod)
         PyModule_AddIntConstant(mod, "HOOK_DATA", HOOK_DATA) < 0 ||
         PyModule_AddIntConstant(mod, "HOOK_AUTH", HOOK_AUTH) < 0 ||
         PyModule_AddIntConstant(mod, "EVENT_RECEIVED", EVENT_RECEIVED) < 0 ||
+        PyModule_AddIntConstant(mod, "EVENT_DELIVERY", EVENT_DELIVERY) < 0 ||
+        PyModule_AddIntConstant(mod, "HOOK_POLICY", HOOK_POLICY) < 0 ||
+        PyModule_AddIntConstant(mod, "QOP_HOLD", QOP_HOLD) < 0 ||
+        PyModule_AddIntConstant(mod, "QOP_RELEASE", QOP_RELEASE) < 0 ||
+        PyModule_AddIntConstant(mod, "QOP_RETRY", QOP_RETRY) < 0 ||
+        PyModule_AddIntConstant(mod, "QOP_DELETE", QOP_DELETE) < 0 ||
+        PyModule_AddIntConstant(mod, "QOP_FLUSH", QOP_FLUSH) < 0 ||
         PyModule_AddIntConstant(mod, "ACCEPT", HOOK_ACCEPT) < 0 ||
         PyModule_AddIntConstant(mod, "REJECT", HOOK_REJECT) < 0 ||
         PyModule_AddIntConstant(mod, "TEMPFAIL", HOOK_TEMPFAIL) < 0 ||

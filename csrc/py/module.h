@@ -10,5 +10,8 @@ struct module_state {
 };
 
 int engine_type_add(PyObject *mod, struct module_state *st);
+struct delivery_cfg;
+/* NULL with a Python exception set. */
+struct delivery_cfg *delivery_cfg_from_dict(PyObject *d);
 
 #endif

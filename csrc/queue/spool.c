@@ -39,6 +39,12 @@ struct spool {
     int retired_fd;                   /* previous segment, closed after its sync */
     struct loop_op sync_op;
     struct loop_task commit_task;
+    uint32_t seg_committed;           /* records of the current segment on disk */
+    bool opened;                      /* a segment of this run exists */
+    uint32_t open_seg;                /* its number */
+    spool_committed_fn committed;
+    spool_sealed_fn sealed;
+    void *hook_arg;
 };
 
 /* ---- CRC-32C (Castagnoli) ---- */
@@ -153,8 +159,14 @@ static int segment_open_next(struct spool *s)
         if (s->retired_fd >= 0) close(s->retired_fd);
         s->retired_fd = s->fd;
     }
+    /* Every record of the old segment was reported before this (batches
+     * complete before the next begins), so the count is final. */
+    if (s->opened && s->sealed) s->sealed(s->hook_arg, s->open_seg, s->seg_committed);
+    s->opened = true;
+    s->open_seg = s->seg;
     s->fd = fd;
     s->offset = 0;
+    s->seg_committed = 0;
     return 0;
 }
 
@@ -214,6 +226,10 @@ static void on_sync(struct loop_op *op, struct io_uring_cqe *cqe)
     }
     while (r) {
         struct spool_rec *next = r->next;
+        if (!err) {
+            s->seg_committed++;
+            if (s->committed) s->committed(s->hook_arg, r, r->seg, r->offset, r->len);
+        }
         r->done(r, err);
         r = next;
     }
@@ -259,7 +275,10 @@ static void commit_run(struct loop_task *t)
         io_uring_prep_writev(sqe, s->fd, r->iov, (unsigned)r->niov, s->offset);
         sqe->flags |= IOSQE_IO_LINK;
         loop_sqe_set_op(sqe, NULL);
+        r->seg = s->seg;
+        r->offset = s->offset;
         for (int i = 0; i < r->niov; i++) s->offset += r->iov[i].iov_len;
+        r->len = s->offset - r->offset;
     }
     if (!s->pending) s->pending_tail = &s->pending;
     s->npending -= n;
@@ -313,6 +332,14 @@ void spool_close(struct spool *s)
     if (s->fd >= 0) close(s->fd);
     if (s->retired_fd >= 0) close(s->retired_fd);
     free(s);
+}
+
+void spool_set_hooks(struct spool *s, spool_committed_fn committed, spool_sealed_fn sealed,
+                     void *arg)
+{
+    s->committed = committed;
+    s->sealed = sealed;
+    s->hook_arg = arg;
 }
 
 void spool_assign_id(struct spool *s, struct spool_rec *r)
@@ -539,7 +566,7 @@ static int find_cb(const struct spool_entry *e, void *arg)
     return 1;
 }
 
-int spool_delete(const char *data_dir, const char *id)
+int spool_mark(const char *data_dir, const char *id, char letter)
 {
     if (strlen(id) != SPOOL_ID_LEN) return -ENOENT;
     struct find_ctx fc = {.id = id};
@@ -553,7 +580,7 @@ int spool_delete(const char *data_dir, const char *id)
     int fd = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
     if (fd < 0) return -errno;
     char line[64];
-    int n = snprintf(line, sizeof line, "D %s\n", id);
+    int n = snprintf(line, sizeof line, "%c %s\n", letter, id);
     int res = 0;
     if (write(fd, line, (size_t)n) != n) res = -EIO;
     if (res == 0 && fdatasync(fd) < 0) res = -errno;
@@ -594,3 +621,5 @@ long spool_recover(const char *data_dir)
     int r = for_each_segment(data_dir, recover_one, &rc);
     return r < 0 ? r : rc.live;
 }
+
+int spool_delete(const char *data_dir, const char *id) { return spool_mark(data_dir, id, 'D'); }

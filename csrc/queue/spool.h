@@ -23,13 +23,25 @@ struct spool_rec {
     struct iovec iov[4];            /* iov[0] is the header; caller fills 1..n */
     int niov;                       /* caller: number of its iovecs + 1 */
     void (*done)(struct spool_rec *r, int err);  /* on the loop thread */
+    /* private: where the record went */
+    uint32_t seg;
+    uint64_t offset, len;
 };
+
+/* Told on the loop thread, before each record's done: the record is on
+ * stable storage at (segment, offset, length). And when a segment is
+ * retired: no record will be added to it; nrecords were committed. */
+typedef void (*spool_committed_fn)(void *arg, const struct spool_rec *r, uint32_t seg,
+                                   uint64_t offset, uint64_t len);
+typedef void (*spool_sealed_fn)(void *arg, uint32_t seg, uint32_t nrecords);
 
 /* Open the worker's spool directory and start a new segment. NULL with a
  * message in err on failure. */
 struct spool *spool_open(struct loop *l, const char *data_dir, int worker,
                          char *err, size_t errlen);
 void spool_close(struct spool *s);
+void spool_set_hooks(struct spool *s, spool_committed_fn committed, spool_sealed_fn sealed,
+                     void *arg);
 
 /* Give r an id (usable at once, e.g. in a Received: header written into
  * r's own iovecs afterwards) ... */
@@ -64,6 +76,9 @@ size_t spool_records_walk(const void *base, size_t size, spool_scan_cb fn, void 
 /* Mark the message final (deleted) in its segment's state log.
  * 0, -ENOENT if no live record has that id, or -errno. */
 int spool_delete(const char *data_dir, const char *id);
+/* Append "<letter> <id>" to the message's state log (H hold, U release;
+ * the queue reads them at start). Same results as spool_delete. */
+int spool_mark(const char *data_dir, const char *id, char letter);
 
 /* Start-up: drop segments whose records are all final, and report how
  * many live records remain (or -errno). Torn tails (a record never

@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks of mailengine: real peers on loopback."""
