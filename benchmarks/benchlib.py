@@ -706,3 +706,380 @@ TARGETS = {
     "aiosmtpd": AiosmtpdTarget,
     "mailengine": MailengineTarget,
 }
+
+
+# ---------------------------------------------------------------- delivery benchmarks
+#
+# Helpers for benchmarks where mailengine and Postfix deliver *outbound*:
+# a private network namespace (its own loopback 127.0.0.0/8, port 25 free,
+# its own /etc/resolv.conf), counting smtp-sinks on 127.0.0.X:25, the local
+# unbound from mailengine.testing.dns, and a Postfix instance that relays.
+
+IP = shutil.which("ip") or "/usr/sbin/ip"
+POSTSUPER = shutil.which("postsuper") or "/usr/sbin/postsuper"
+NETNS_ETC = "/etc/netns"
+
+
+class NetNS:
+    """A network namespace made by the harness, with resolv.conf -> 127.0.0.1.
+
+    `ip netns exec NAME cmd` runs cmd with the namespace's network (a fresh
+    loopback, nothing else) and, in a private mount namespace, with
+    /etc/netns/NAME/resolv.conf bind-mounted over /etc/resolv.conf; so
+    libc's resolver (the one Postfix uses) asks the unbound on 127.0.0.1:53
+    inside the namespace.  delete() removes the namespace and the files it
+    made; processes inside must have been stopped before.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.etc = os.path.join(NETNS_ETC, name)
+        self.created = False
+        self._made_netns_etc = False
+
+    @staticmethod
+    def available() -> str:
+        """'' when network namespaces can be made here, else the reason."""
+        if os.geteuid() != 0:
+            return "network namespaces need root"
+        if not os.access(IP, os.X_OK):
+            return "iproute2 (ip) not installed"
+        return ""
+
+    def create(self) -> "NetNS":
+        r = subprocess.run([IP, "netns", "add", self.name], capture_output=True, timeout=30)
+        if r.returncode != 0:
+            raise TargetUnavailable(f"ip netns add failed: {r.stderr.decode(errors='replace').strip()}")
+        self.created = True
+        self.run(["ip", "link", "set", "lo", "up"])
+        if not os.path.isdir(NETNS_ETC):
+            os.makedirs(NETNS_ETC)
+            self._made_netns_etc = True
+        os.makedirs(self.etc, exist_ok=True)
+        with open(os.path.join(self.etc, "resolv.conf"), "w") as f:
+            f.write("# written by the mailengine benchmark harness\n"
+                    "nameserver 127.0.0.1\noptions timeout:2 attempts:2\n")
+        return self
+
+    def prefix(self) -> list:
+        """Command prefix that runs a command inside the namespace."""
+        return [IP, "netns", "exec", self.name]
+
+    def run(self, cmd: list, timeout: float = 30) -> str:
+        r = subprocess.run(self.prefix() + cmd, capture_output=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise HarnessError(f"in netns {self.name}: {' '.join(cmd)}: "
+                               f"{r.stderr.decode(errors='replace').strip()}")
+        return r.stdout.decode(errors="replace")
+
+    def pids(self) -> list:
+        """Processes still inside the namespace (by `ip netns pids`)."""
+        r = subprocess.run([IP, "netns", "pids", self.name], capture_output=True, timeout=30)
+        return [int(x) for x in r.stdout.split()] if r.returncode == 0 else []
+
+    def delete(self) -> None:
+        if self.created:
+            r = subprocess.run([IP, "netns", "del", self.name], capture_output=True, timeout=30)
+            if r.returncode != 0:
+                note(f"ip netns del {self.name}: {r.stderr.decode(errors='replace').strip()}")
+            self.created = False
+        shutil.rmtree(self.etc, ignore_errors=True)
+        if self._made_netns_etc:
+            try:
+                os.rmdir(NETNS_ETC)
+            except OSError:
+                pass
+
+
+def in_netns() -> bool:
+    """True when this process runs in a network namespace other than init's."""
+    try:
+        return os.readlink("/proc/self/ns/net") != os.readlink("/proc/1/ns/net")
+    except OSError:
+        return False
+
+
+def load_local_dns():
+    """mailengine.testing.dns.LocalDNS (unbound on loopback).
+
+    Imported from the package when it imports; otherwise the file is loaded
+    on its own (it needs only the standard library), so the Postfix side of a
+    benchmark runs even when the mailengine extension is not built.
+    """
+    try:
+        from mailengine.testing.dns import LocalDNS  # noqa: PLC0415
+        return LocalDNS
+    except Exception:  # noqa: BLE001 - fall back to the file
+        pass
+    import importlib.util  # noqa: PLC0415
+    path = os.path.join(REPO, "mailengine", "testing", "dns.py")
+    if not os.path.exists(path):
+        raise TargetUnavailable("mailengine/testing/dns.py not found")
+    spec = importlib.util.spec_from_file_location("_mebench_dns", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclass/typing lookups need it registered
+    spec.loader.exec_module(mod)
+    return mod.LocalDNS
+
+
+class CountingSink:
+    """smtp-sink on addr:port with running counters (-c), read from a pipe.
+
+    smtp-sink prints "sess=N quit=N mesg=N" plus a carriage return whenever a
+    session ends, QUIT is executed or "." arrives, flushed at once; a reader
+    thread keeps the latest mesg= value, so the harness knows when the sink
+    has received a message count (and at what CLOCK_MONOTONIC time).
+    Pipelining and ESMTP are announced (smtp-sink's defaults).
+    """
+
+    def __init__(self, addr: str, port: int = 25, max_conns: int = 1024, backlog: int = 1024):
+        self.addr, self.port = addr, port
+        self.max_conns, self.backlog = max_conns, backlog
+        self.proc = None
+        self.mesg = 0
+        self.sess = 0
+        self.when = 0.0  # CLOCK_MONOTONIC when mesg last went up
+        self.cond = None
+        self.thread = None
+        self.stderr_tail = b""
+
+    def start(self) -> "CountingSink":
+        import threading  # noqa: PLC0415
+        if not os.path.exists(SMTP_SINK):
+            raise TargetUnavailable("smtp-sink not installed")
+        cmd = [SMTP_SINK, "-c", "-m", str(self.max_conns), "-h", f"sink-{self.addr}"]
+        if os.geteuid() == 0:
+            cmd += ["-u", "nobody"]
+        cmd += [f"{self.addr}:{self.port}", str(self.backlog)]
+        self.cond = threading.Condition()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        self.thread = threading.Thread(target=self._reader, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise HarnessError(f"smtp-sink on {self.addr}:{self.port} exited "
+                                   f"{self.proc.returncode}: {self.stderr_tail.decode(errors='replace')}")
+            try:
+                with socket.create_connection((self.addr, self.port), timeout=2):
+                    break  # a bare connect; the sink counts it as a session only
+            except OSError as e:
+                last = e
+                time.sleep(0.05)
+        else:
+            raise HarnessError(f"smtp-sink on {self.addr}:{self.port} not accepting: {last}")
+        return self
+
+    def _reader(self):
+        fd = self.proc.stdout.fileno()
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            now = time.monotonic()
+            pending += chunk
+            cut = pending.rfind(b"\r")
+            if cut < 0:
+                if len(pending) > 4096:  # not counters: keep a bit for errors
+                    self.stderr_tail = pending[-1024:]
+                    pending = b""
+                continue
+            done, pending = pending[:cut], pending[cut + 1:]
+            last = done.rsplit(b"\r", 1)[-1]
+            mesg = sess = None
+            for field in last.split():
+                if field.startswith(b"mesg="):
+                    mesg = int(field[5:])
+                elif field.startswith(b"sess="):
+                    sess = int(field[5:])
+            if mesg is None:
+                self.stderr_tail = (self.stderr_tail + done)[-1024:]
+                continue
+            with self.cond:
+                if mesg != self.mesg:
+                    self.mesg, self.when = mesg, now
+                self.sess = sess if sess is not None else self.sess
+                self.cond.notify_all()
+        with self.cond:
+            self.stderr_tail = (self.stderr_tail + pending)[-1024:]
+            self.cond.notify_all()
+
+    def stop(self):
+        if self.proc:
+            stop_popen(self.proc)
+            self.proc.stdout.close()
+            self.thread.join(timeout=5)
+            self.proc = None
+
+
+def wait_sinks(sinks: list, total: int, deadline: float, on_tick=None):
+    """Wait until the sinks together have received total messages.
+
+    Returns (CLOCK_MONOTONIC time of the message that reached total, count);
+    on timeout returns (None, count).  on_tick() is called about every 0.05 s
+    and may raise to abort (e.g. when the sender died).
+    """
+    while True:
+        n, when = 0, 0.0
+        for s in sinks:
+            with s.cond:
+                n += s.mesg
+                when = max(when, s.when)
+        if n >= total:
+            return when, n
+        if time.monotonic() >= deadline:
+            return None, n
+        if any(s.proc is None or s.proc.poll() is not None for s in sinks):
+            raise HarnessError("an smtp-sink exited during the run")
+        if on_tick is not None:
+            on_tick()
+        time.sleep(0.05)  # the times come from the reader threads, not from here
+
+
+class PostfixRelayTarget(PostfixTarget):
+    """A private Postfix that relays: smtpd takes mail from 127.0.0.0/8 onto
+    HOLD (as PostfixTarget), and the smtp client delivers to the MX hosts
+    that libc's resolver finds (so run it where resolv.conf points at the
+    test DNS, e.g. inside a NetNS).
+
+    Tuned for a bulk run to cooperative sinks: connection cache on for every
+    destination, no TLS, IPv4 only, slow start off (initial concurrency =
+    limit), `concurrency` connections per destination and `smtp_procs` smtp
+    processes in all, every message of the run in the active queue at once.
+    """
+
+    name = "postfix"
+
+    def __init__(self, workdir, concurrency=100, smtp_procs=100, per_connection=1000,
+                 messages=20000, smtpd_maxproc=50):
+        super().__init__(workdir, smtpd_maxproc=smtpd_maxproc)
+        self.concurrency = concurrency
+        self.smtp_procs = smtp_procs
+        self.per_connection = per_connection
+        self.active_limit = max(20000, messages + 1000)
+
+    def _write_config(self):
+        os.makedirs(self.etc, exist_ok=True)
+        os.makedirs(self.spool, mode=0o755, exist_ok=True)
+        limit = max(self.smtp_procs, self.smtpd_maxproc) + 50
+        main_cf = f"""\
+# private benchmark instance generated by benchmarks/benchlib.py (relaying)
+compatibility_level = 3.6
+queue_directory = {self.spool}
+data_directory = {self.data}
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = {HOST}
+inet_protocols = ipv4
+myhostname = postfix.{DOMAIN}
+mydomain = {DOMAIN}
+myorigin = $mydomain
+mydestination =
+relay_domains =
+mynetworks = 127.0.0.0/8
+alias_maps =
+alias_database =
+local_recipient_maps =
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_recipient_restrictions = check_client_access static:HOLD, permit_mynetworks, reject
+in_flow_delay = 0
+default_process_limit = {limit}
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtpd_client_message_rate_limit = 0
+smtpd_client_recipient_rate_limit = 0
+# delivery: MX lookups through libc's resolver (/etc/resolv.conf)
+smtp_host_lookup = dns
+smtp_dns_support_level = enabled
+smtp_address_preference = ipv4
+smtp_tls_security_level = none
+smtp_connection_cache_on_demand = yes
+smtp_connection_cache_destinations = static:all
+smtp_connection_reuse_count_limit = {self.per_connection}
+default_destination_concurrency_limit = {self.concurrency}
+smtp_destination_concurrency_limit = {self.concurrency}
+initial_destination_concurrency = {self.concurrency}
+smtp_destination_rate_delay = 0
+qmgr_message_active_limit = {self.active_limit}
+qmgr_message_recipient_limit = {self.active_limit}
+default_recipient_limit = {self.active_limit}
+# its "mail for X is using up N of M active queue entries" hints describe
+# exactly this benchmark (one destination with the whole queue)
+qmgr_clog_warn_time = 0
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 10s
+delay_warning_time = 0
+maillog_file = {self.maillog}
+maillog_file_prefixes = {self.workdir}
+biff = no
+"""
+        # No chroot anywhere ("n" in the 5th column), so smtp reads the
+        # namespace's /etc/resolv.conf; pickup only because `postqueue -f`
+        # checks for it; no local/tlsmgr.
+        master_cf = f"""\
+{HOST}:{self.port} inet n - n - {self.smtpd_maxproc} smtpd
+pickup    unix  n - n 60 1 pickup
+cleanup   unix  n - n - 0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+rewrite   unix  - - n - - trivial-rewrite
+bounce    unix  - - n - 0 bounce
+defer     unix  - - n - 0 bounce
+trace     unix  - - n - 0 bounce
+verify    unix  - - n - 1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n - - proxymap
+smtp      unix  - - n - {self.smtp_procs} smtp
+relay     unix  - - n - {self.smtp_procs} smtp
+showq     unix  n - n - - showq
+error     unix  - - n - - error
+retry     unix  - - n - - error
+discard   unix  - - n - - discard
+anvil     unix  - - n - 1 anvil
+scache    unix  - - n - 1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+        with open(os.path.join(self.etc, "main.cf"), "w") as f:
+            f.write(main_cf)
+        with open(os.path.join(self.etc, "master.cf"), "w") as f:
+            f.write(master_cf)
+
+    def queue_counts(self) -> dict:
+        """Files per queue directory (incoming, active, deferred, hold)."""
+        res = {}
+        for q in ("incoming", "active", "deferred", "hold"):
+            n = 0
+            for _root, _dirs, files in os.walk(os.path.join(self.spool, q)):
+                n += len(files)
+            res[q] = n
+        return res
+
+    def release_hold(self) -> None:
+        """Move every held message to the deferred queue and ask for a
+        delivery run of the whole queue now (postsuper -H ALL; postqueue -f)."""
+        for cmd in ([POSTSUPER, "-c", self.etc, "-H", "ALL"], [POSTQUEUE, "-c", self.etc, "-f"]):
+            r = subprocess.run(cmd, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
+            if r.returncode != 0:
+                raise HarnessError(f"{' '.join(cmd)} failed ({r.returncode}): "
+                                   f"{r.stderr.decode(errors='replace').strip()}")
+
+    def log_status_counts(self) -> dict:
+        """Delivery outcomes in the maillog: {'sent': n, 'deferred': n, ...}."""
+        counts = {}
+        try:
+            with open(self.maillog, errors="replace") as f:
+                for line in f:
+                    i = line.find(" status=")
+                    if i >= 0 and "postfix/smtp[" in line:
+                        st = line[i + 8:].split(None, 1)[0]
+                        counts[st] = counts.get(st, 0) + 1
+        except OSError:
+            pass
+        return counts

@@ -122,7 +122,9 @@ struct rate {
 
 struct qdest {
     struct qdest *hnext;
-    char *name;
+    char *name;                    /* the domain (or "[relay]") */
+    char *key;                     /* name and pool */
+    char *pool;                    /* source pool, or NULL */
     bool relay;
     struct dest_policy pol;        /* copy; strings borrowed from the config */
     struct qjob *ready;            /* FIFO */
@@ -680,15 +682,24 @@ static void on_rate_timer(struct timer *t)
     dest_kick(d);
 }
 
-static struct qdest *dest_get(struct queue *q, const char *name, bool relay)
+/* One queue per destination and source pool: connections carry one
+ * pool's address, so messages of different pools never share one. */
+static struct qdest *dest_get(struct queue *q, const char *name, const char *pool, bool relay)
 {
-    unsigned h = hash_str(name) % DEST_HASH_BUCKETS;
+    char key[600];
+    snprintf(key, sizeof key, "%s%s%s", name, pool ? "\x01" : "", pool ? pool : "");
+    unsigned h = hash_str(key) % DEST_HASH_BUCKETS;
     for (struct qdest *d = q->dests[h]; d; d = d->hnext)
-        if (strcmp(d->name, name) == 0) return d;
+        if (strcmp(d->key, key) == 0) return d;
     struct qdest *d = calloc(1, sizeof *d);
     if (!d) return NULL;
     d->name = strdup(name);
-    if (!d->name) {
+    d->key = strdup(key);
+    d->pool = pool ? strdup(pool) : NULL;
+    if (!d->name || !d->key || (pool && !d->pool)) {
+        free(d->name);
+        free(d->key);
+        free(d->pool);
         free(d);
         return NULL;
     }
@@ -922,8 +933,9 @@ static void job_defer(struct queue *q, struct qjob *j, const struct smtp_outcome
         batch_init(&b, j->n);
         for (unsigned k = 0; k < j->n; k++) {
             unsigned i = j->idx[k];
-            if (m->rcpt[i].state == R_PENDING && (m->rcpt[i].notify & DSN_NOTIFY_DELAY))
-                batch_add(&b, i, &j->last, j->last_mx);
+            if (m->rcpt[i].state != R_PENDING) continue;
+            emit_event(q, EV_DELAYED, m, i, j->last_mx, NULL, &j->last, j->attempts, 0);
+            if (m->rcpt[i].notify & DSN_NOTIFY_DELAY) batch_add(&b, i, &j->last, j->last_mx);
         }
         batch_send(q, m, &b, DSN_DELAYED);
     }
@@ -971,7 +983,7 @@ static void msg_schedule(struct queue *q, struct qmsg *m)
     for (unsigned i = 0; i < m->nrcpt; i++) {
         if (taken[i] || m->rcpt[i].state != R_PENDING) continue;
         const char *key = dc->relay_host ? "[relay]" : m->rcpt[i].domain;
-        struct qdest *d = dest_get(q, key, dc->relay_host != NULL);
+        struct qdest *d = dest_get(q, key, m->pool, dc->relay_host != NULL);
         if (!d) continue;
         max_r = d->pol.max_recipients ? d->pol.max_recipients : 50;
         struct qjob *j = NULL;
@@ -1290,7 +1302,7 @@ static void qc_open(struct qdest *d)
     d->nconnecting++;
     q->nconns++;
     /* The source address: the pool of the first message waiting, if any. */
-    const char *pool = d->ready && d->ready->m->pool ? d->ready->m->pool : NULL;
+    const char *pool = d->pool;
     const struct delivery_cfg *dc = q->dc;
     for (size_t i = 0; pool && i < dc->npools; i++) {
         if (strcmp(dc->pools[i].name, pool) == 0 && dc->pools[i].naddrs) {
@@ -2015,9 +2027,13 @@ static void ctl_apply(struct queue *q, struct qmsg *m, enum queue_op op)
     case QOP_RELEASE:
     case QOP_RETRY:
     case QOP_FLUSH:
-        if (op == QOP_RELEASE || m->held) {
-            if (m->held && m->seg) seg_log_line(m->seg, "U %s\n", m->id);
+        /* Retry (and flush) wake deferred jobs; only release ends a hold. */
+        if (op == QOP_RELEASE) {
+            if (!m->held) return;
+            if (m->seg) seg_log_line(m->seg, "U %s\n", m->id);
             m->held = false;
+        } else if (m->held) {
+            return;
         }
         for (unsigned i = 0; i < m->jobs; i++) {
             struct qjob *j = m->joblist[i];
@@ -2309,6 +2325,8 @@ void queue_free(struct queue *q)
         while (d) {
             struct qdest *n = d->hnext;
             free(d->name);
+            free(d->key);
+            free(d->pool);
             free(d);
             d = n;
         }

@@ -74,9 +74,16 @@ static void outcome_reply(struct smtp_outcome *o, const struct smtp_reply *r, in
     if (r->enhanced.cls)
         snprintf(o->enh, sizeof o->enh, "%u.%u.%u", r->enhanced.cls, r->enhanced.subject,
                  r->enhanced.detail);
-    size_t n = r->text_len < sizeof o->text - 1 ? r->text_len : sizeof o->text - 1;
+    /* The enhanced code is kept apart; the text is what follows it. */
+    const char *txt = r->text;
+    size_t tl = r->text_len, el = strlen(o->enh);
+    if (el && tl > el && memcmp(txt, o->enh, el) == 0 && txt[el] == ' ') {
+        txt += el + 1;
+        tl -= el + 1;
+    }
+    size_t n = tl < sizeof o->text - 1 ? tl : sizeof o->text - 1;
     for (size_t i = 0; i < n; i++) {
-        unsigned char ch = (unsigned char)r->text[i];
+        unsigned char ch = (unsigned char)txt[i];
         /* Replies end up in logs, events and bounces: no control bytes. */
         o->text[i] = (ch < 0x20 && ch != '\n' && ch != '\t') || ch == 0x7f ? '?' : (char)ch;
     }
