@@ -72,6 +72,7 @@ class Policy:
     tls: str = "may"                      # none | may (STARTTLS when offered) | required
     tls_verify: bool = False              # check the certificate against the MX host name
     tls_ca_file: str | None = None        # None: the system store (when verifying)
+    pool: str | None = None               # source pool for messages that name none
 
 
 @dataclass
@@ -275,6 +276,10 @@ class Config:
         if self.delay_warning is not None and self.delay_warning <= 0:
             raise ConfigError("delay_warning", "must be positive (or None)")
         _check_policy(self.default_policy, "default_policy")
+        for key, pol in [("default_policy", self.default_policy)] + [
+                (f"destinations.{d}", p) for d, p in self.destinations.items()]:
+            if isinstance(pol, Policy) and pol.pool is not None and pol.pool not in self.source_pools:
+                raise ConfigError(f"{key}.pool", f"no source pool named {pol.pool!r}")
         for dom, pol in self.destinations.items():
             if not dom or " " in dom or "@" in dom:
                 raise ConfigError(f"destinations.{dom}", "not a domain name")
@@ -405,6 +410,9 @@ def _check_policy(p: Any, key: str) -> None:
         raise ConfigError(f"{key}.tls", f"must be one of {', '.join(POLICY_TLS)}")
     if p.tls_ca_file is not None and not os.access(p.tls_ca_file, os.R_OK):
         raise ConfigError(f"{key}.tls_ca_file", f"cannot read {p.tls_ca_file}")
+    if p.pool is not None and (not isinstance(p.pool, str) or not p.pool or " " in p.pool
+                               or len(p.pool) > 63):
+        raise ConfigError(f"{key}.pool", "must be a pool name (no spaces, at most 63 characters)")
 
 
 def _listener(i: int, item: Any) -> Listener:

@@ -513,6 +513,8 @@ def _policy_words(p: Policy) -> str:
     words = [f"max_connections={int(p.max_connections)}",
              f"max_messages_per_connection={int(p.max_messages_per_connection)}",
              f"max_recipients={int(p.max_recipients)}", f"tls={p.tls}"]
+    if p.pool and " " not in p.pool:
+        words.append(f"pool={p.pool[:63]}")
     for name in ("rate_per_second", "rate_per_minute", "rate_per_hour"):
         v = getattr(p, name)
         words.append(f"{name}={float(v) if v else 0.0}")

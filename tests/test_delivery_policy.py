@@ -60,3 +60,32 @@ def test_policy_hook_error_falls_back_to_configured_policy(engine_factory, tmp_p
                              hooks={"destination_policy": broken})
         eng.send(msg(1), sender="a@src.test", recipients=["x@fast.test"])
         assert len(sink.wait_for(1, timeout=10)) == 1
+
+
+def test_policy_chooses_the_source_pool(engine_factory, tmp_path):
+    """A message that names no pool takes the one its destination's policy
+    names: statically, or from the hook; a message's own pool wins."""
+    def decide(domain, mx_hosts):
+        return Policy(pool="hooked") if domain == "fast.test" else None
+
+    with Sink("127.0.0.3", 0) as sink, LocalDNS(tmp_path / "dns", ZONE) as dns:
+        eng = engine_factory(delivery_enabled=True, dns=dns.address, remote_port=sink.port,
+                             source_pools={"static": ["127.0.0.6"], "hooked": ["127.0.0.7"],
+                                           "own": ["127.0.0.8"]},
+                             destinations={"slow.test": Policy(pool="static")},
+                             hooks={"destination_policy": decide})
+        eng.send(msg(1), sender="a@src.test", recipients=["x@slow.test"])
+        eng.send(msg(2), sender="a@src.test", recipients=["y@fast.test"])
+        eng.send(msg(3), sender="a@src.test", recipients=["z@fast.test"], pool="own")
+        got = sink.wait_for(3, timeout=10)
+        peers = {m.rcpt_tos[0]: m.peer[0] for m in got}
+        assert peers == {"x@slow.test": "127.0.0.6", "y@fast.test": "127.0.0.7",
+                         "z@fast.test": "127.0.0.8"}
+
+
+def test_policy_pool_must_exist(engine_factory):
+    from mailengine import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        engine_factory(destinations={"x.test": Policy(pool="nope")})
+    assert exc.value.key == "destinations.x.test.pool"

@@ -85,6 +85,12 @@ static int policy_from(PyObject *d, struct dest_policy *p, const struct dest_pol
     p->domain = NULL;
     p->tls_ca_file = NULL;
     p->tls_ctx = NULL;
+    p->pool = NULL;
+    if (get_str(d, "pool", &p->pool) < 0) return -1;
+    if (!p->pool && dflt && dflt->pool && !(p->pool = strdup(dflt->pool))) {
+        PyErr_NoMemory();
+        return -1;
+    }
     if (!dflt) {
         p->max_connections = 20;
         p->max_messages_per_connection = 1000;

@@ -140,6 +140,7 @@ struct qdest {
     struct smtp_outcome dead_why;
     struct smtp_client_cfg ccfg;
     int pol_state;                 /* policy hook: 0 not asked, 1 asking, 2 answered */
+    char pol_pool[64];             /* pool named by the policy (static or hook) */
     struct mx_lookup *pol_lookup;
 };
 
@@ -707,6 +708,7 @@ static struct qdest *dest_get(struct queue *q, const char *name, const char *poo
     d->relay = relay;
     d->ready_tail = &d->ready;
     d->pol = *policy_for(q, relay ? "" : name);
+    snprintf(d->pol_pool, sizeof d->pol_pool, "%s", d->pol.pool ? d->pol.pool : "");
     d->rate_timer.fn = on_rate_timer;
     const struct delivery_cfg *dc = q->dc;
     d->ccfg.helo = q->cfg->hostname;
@@ -1302,7 +1304,8 @@ static void qc_open(struct qdest *d)
     d->nconnecting++;
     q->nconns++;
     /* The source address: the pool of the first message waiting, if any. */
-    const char *pool = d->pool;
+    /* The message's own pool, else the destination policy's. */
+    const char *pool = d->pool ? d->pool : d->pol_pool[0] ? d->pol_pool : NULL;
     const struct delivery_cfg *dc = q->dc;
     for (size_t i = 0; pool && i < dc->npools; i++) {
         if (strcmp(dc->pools[i].name, pool) == 0 && dc->pools[i].naddrs) {
@@ -1365,6 +1368,7 @@ static void policy_reply(struct hook_req *r)
             else if (strcmp(w, "rate_per_second") == 0) d->pol.rate_per_second = x;
             else if (strcmp(w, "rate_per_minute") == 0) d->pol.rate_per_minute = x;
             else if (strcmp(w, "rate_per_hour") == 0) d->pol.rate_per_hour = x;
+            else if (strcmp(w, "pool") == 0) snprintf(d->pol_pool, sizeof d->pol_pool, "%s", v);
             else if (strcmp(w, "tls") == 0)
                 d->pol.tls = strcmp(v, "none") == 0 ? CLIENT_TLS_NONE
                              : strcmp(v, "required") == 0 ? CLIENT_TLS_REQUIRED : CLIENT_TLS_MAY;
@@ -2379,10 +2383,12 @@ void delivery_cfg_free(struct delivery_cfg *dc)
     (void)all;
     free(dc->def.domain);
     free(dc->def.tls_ca_file);
+    free(dc->def.pool);
     if (dc->def.tls_ctx) tls_ctx_free(dc->def.tls_ctx);
     for (size_t i = 0; i < dc->ndests; i++) {
         free(dc->dests[i].domain);
         free(dc->dests[i].tls_ca_file);
+        free(dc->dests[i].pool);
         if (dc->dests[i].tls_ctx) tls_ctx_free(dc->dests[i].tls_ctx);
     }
     free(dc->dests);

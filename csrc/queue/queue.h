@@ -30,6 +30,7 @@ struct dest_policy {
     bool tls_verify;
     char *tls_ca_file;
     struct tls_ctx *tls_ctx;      /* built from the three above */
+    char *pool;                   /* source pool for messages that name none, or NULL */
 };
 
 struct source_pool {
