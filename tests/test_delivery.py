@@ -14,6 +14,7 @@ import email
 import email.policy
 import re
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from conftest import ROOT, Ports, make_config
 from delivery_helpers import (DEAD_IP, DOMAINS, MX_IPS, RELAY_IP, RELAY_NAME, SENDER,
                               SERVFAIL_ZONES, SRC_IP, EngineFactory, Groups, LineReader,
                               data_dir, dkim_dns, make_dkim_key, message, parse_dsn,
-                              subject_of, wait_events_file, wait_until,
+                              subject_of, wait_events_file, wait_final, wait_until,
                               zone_records)
 from mailengine import DkimKey, Engine, Policy, Relay
 from mailengine.testing.dns import LocalDNS, unbound_path
@@ -43,7 +44,7 @@ pytestmark = [pytest.mark.skipif(unbound_path() is None, reason="unbound is not 
               pytest.mark.timeout(60)]
 
 
-# ---- fixtures ---------------------------------------------------------------------------
+# ---- fixtures --------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +57,16 @@ def dns(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def groups():
+    """Sinks for one test. Whatever the test checks, the engine's SMTP client
+    must not break a protocol rule on any of them (sinks.py writes each
+    one down), and no sink may have hit an internal error."""
     g = Groups()
     yield g
+    broken = [(s.name, v) for grp in g.groups for s in grp for v in s.protocol_violations]
+    errors = [(s.name, e) for grp in g.groups for s in grp for e in s.errors]
     g.stop_all()
+    assert broken == [], f"protocol violations by the engine: {broken}"
+    assert errors == [], f"sink errors: {errors}"
 
 
 @pytest.fixture
@@ -79,7 +87,7 @@ def no_mail_commands(sink) -> bool:
                    for t in sink.transcripts for line in t)
 
 
-# ---- 1. MX delivery ---------------------------------------------------------------------
+# ---- MX delivery -----------------------------------------------------------------------
 
 
 def test_mx_delivery_to_eight_domains(engines, groups):
@@ -122,7 +130,31 @@ def test_mx_delivery_to_eight_domains(engines, groups):
     assert (stats["delivered"], stats["deferred"], stats["bounced"]) == (8, 0, 0), stats
 
 
-# ---- 2. implicit MX and CNAME'd MX host -------------------------------------------------
+def test_message_content_arrives_byte_exact(engines, groups):
+    """Dot-stuffing (RFC 5321 §4.5.2), 8-bit text, long lines and a body of
+    several megabytes (many partial writes) come out as they went in."""
+    g = groups(["127.0.0.2"])
+    eng = engines.make(remote_port=g.port)
+    dots = ".\r\n..\r\n.leading dot\r\n. \r\n.\r\n\r\n.\r\nend\r\n"
+    small = message("dots", body=dots, extra="Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n")
+    eight = message("eight bit", extra="Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
+                    "Content-Type: text/plain; charset=utf-8\r\n"
+                    "Content-Transfer-Encoding: 8bit\r\n",
+                    body="Gr\u00fc\u00dfe \u2014 \u65e5\u672c\r\n" + "x" * 990 + "\r\n")
+    line = b"The quick brown fox jumps over the lazy dog.\r\n.and a dot line\r\n"
+    big = message("big", extra="Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n").rstrip(b"\r\n") \
+        + b"\r\n" + line * 60000
+    sent = {"dots": small, "eight bit": eight, "big": big}
+    for data in sent.values():
+        eng.send(data, sender=SENDER, recipients=["x@dest.test"])
+    got = {subject_of(m.data): m for m in g["127.0.0.2"].wait_for(3, timeout=20)}
+    for subj, data in sent.items():
+        assert got[subj].data == data, subj
+    assert "BODY=8BITMIME" in [o.upper() for o in got["eight bit"].mail_options]
+    assert g.protocol_violations == []
+
+
+# ---- implicit MX and CNAME'd MX host ---------------------------------------------------
 
 
 def test_implicit_mx_and_cname_mx_host(engines, groups):
@@ -141,7 +173,7 @@ def test_implicit_mx_and_cname_mx_host(engines, groups):
     assert ev2.mx in ("mx.cname.test", "real.target.test"), ev2.mx
 
 
-# ---- 3. smarthost -----------------------------------------------------------------------
+# ---- smarthost -------------------------------------------------------------------------
 
 
 def test_relay_starttls_auth_verified(engines, groups):
@@ -182,28 +214,43 @@ def test_relay_implicit_tls(engines, groups):
     assert eng.events.wait(1, "delivered", queue_id=qid)[0].ip == RELAY_IP
 
 
-def test_relay_tls_required_and_verified(engines, groups):
-    """tls='starttls' is required TLS: a relay that does not offer it, or
-    whose certificate does not verify, gets nothing (and no password)."""
-    g = groups([RELAY_IP, "127.0.0.12"], auth={"u": "p"}, auth_required=False,
-               per_sink={"127.0.0.12": {"starttls": True, "tls_name": RELAY_NAME}})
+def test_relay_failures_defer_and_send_nothing(engines, groups):
+    """tls='starttls' is required TLS: a relay that does not offer it, or whose
+    certificate does not verify, gets nothing (not even the password). A
+    refused login is our configuration's fault, not the message's: deferred,
+    never bounced."""
+    g = groups([RELAY_IP, "127.0.0.12", SRC_IP], auth={"u": "p"}, auth_required=False,
+               per_sink={"127.0.0.12": {"starttls": True, "tls_name": RELAY_NAME,
+                                        "auth_required": True}})
+    good_ca = str(g["127.0.0.12"].cert_path)
     wrong_ca, _ = self_signed_cert(RELAY_NAME)   # same name, another key
-    cases = {"127.0.0.11": None, "127.0.0.12": str(wrong_ca)}
-    for ip, ca in cases.items():
-        relay = Relay(ip, g.port, "u", "p", tls="starttls", tls_verify=ca is not None,
-                      tls_ca_file=ca)
+    cases = [("no STARTTLS", Relay(RELAY_IP, g.port, "u", "p", tls="starttls", tls_verify=False)),
+             ("wrong CA", Relay("127.0.0.12", g.port, "u", "p", tls="starttls",
+                                tls_ca_file=str(wrong_ca))),
+             ("wrong password", Relay("127.0.0.12", g.port, "u", "bad", tls="starttls",
+                                      tls_ca_file=good_ca))]
+    for what, relay in cases:
         eng = engines.make(relay=relay, remote_port=1)
-        qid = eng.send(message(f"relay {ip}"), sender=SENDER, recipients=["x@d1.test"])
+        qid = eng.send(message(f"relay {what}"), sender=SENDER, recipients=["x@d1.test"])
         d = eng.events.wait(1, "deferred", queue_id=qid)[0]
-        assert d.enhanced and d.enhanced.startswith("4.7."), d
-    time.sleep(0.5)
+        assert d.enhanced and d.enhanced.startswith("4.7." if what != "wrong password" else ""), \
+            (what, d)
+        eng.events.wait(2, "deferred", queue_id=qid, timeout=5)   # and again later
+        assert eng.events.select("bounced", queue_id=qid) == [], what
     for sink in g:
         assert sink.messages == [], sink.name
-        assert not any(ln.upper().startswith(("AUTH", "MAIL")) for t in sink.transcripts
-                       for ln in t), (sink.name, sink.transcripts)
+    lines = [ln.upper() for sink in g for t in sink.transcripts for ln in t]
+    assert not any(ln.startswith("MAIL") for ln in lines), lines
+    # The password went only over TLS, to the server whose certificate verified.
+    assert sum(ln.startswith("AUTH") for ln in lines) >= 1
+    for sink in g:
+        for t in sink.transcripts:
+            if any(ln.upper().startswith("AUTH") for ln in t):
+                assert sink.host == "127.0.0.12" and "STARTTLS" in t, (sink.name, t)
+    assert g[SRC_IP].messages == []
 
 
-# ---- 4. temporary failures: retries with backoff -------------------------------------
+# ---- temporary failures: retries with backoff ------------------------------------------
 
 
 def test_temporary_failure_retried_with_backoff(engines, groups):
@@ -241,7 +288,7 @@ def test_connection_lost_at_end_of_data_is_retried(engines, groups):
     assert [m.rcpt_tos for m in g["127.0.0.2"].wait_for(1)] == [["x@dest.test"]]
 
 
-# ---- 5. permanent failures: bounces ------------------------------------------------------
+# ---- permanent failures: bounces -------------------------------------------------------
 
 
 def test_permanent_failure_bounces_with_dsn(engines, groups):
@@ -302,7 +349,7 @@ def test_no_bounce_to_null_sender(engines, groups):
     wait_until(lambda: eng.queue_stats()["messages"] == 0, 5, "the queue empties")
 
 
-# ---- 6. per-recipient results in one transaction -------------------------------------
+# ---- per-recipient results in one transaction ------------------------------------------
 
 
 def test_mixed_recipient_results_in_one_transaction(engines, groups):
@@ -375,7 +422,7 @@ def test_refused_recipient_bounces_even_if_connection_is_lost(engines, groups):
     assert rcpt_lines.count("RCPT TO:<perm@dest.test>") == 1, rcpt_lines
 
 
-# ---- 7. throttles ----------------------------------------------------------------------
+# ---- throttles -------------------------------------------------------------------------
 
 
 def test_max_connections(engines, groups):
@@ -427,7 +474,7 @@ def test_rate_limit_applies_to_its_destination_only(engines, groups):
     assert fast_done < 1.5, fast_done
 
 
-# ---- 8. connection reuse and pipelining -----------------------------------------------
+# ---- connection reuse and pipelining ---------------------------------------------------
 
 
 def test_connection_reuse_and_pipelining(engines, groups):
@@ -447,7 +494,7 @@ def test_connection_reuse_and_pipelining(engines, groups):
     eng.events.wait(40, "delivered")
 
 
-# ---- 9. DKIM ---------------------------------------------------------------------------
+# ---- DKIM ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -482,7 +529,7 @@ def test_dkim_signing(engines, groups, dkim_keys):
     assert b"DKIM-Signature" not in got["dkim none"]
 
 
-# ---- 10. TLS policies -------------------------------------------------------------------
+# ---- TLS policies ----------------------------------------------------------------------
 
 
 def tls_groups(groups):
@@ -541,7 +588,7 @@ def test_tls_required_and_verified(engines, groups):
     assert eng.events.select("delivered", queue_id=q_req) == []
 
 
-# ---- 11. SMTPUTF8 -----------------------------------------------------------------------
+# ---- SMTPUTF8 --------------------------------------------------------------------------
 
 
 def test_smtputf8(engines, groups):
@@ -568,7 +615,24 @@ def test_smtputf8(engines, groups):
     assert norm(r["Status"]) == "5.6.7"
 
 
-# ---- 12. DNS verdicts -------------------------------------------------------------------
+def test_smtputf8_refusal_is_not_reported_as_a_server_reply(engines, groups):
+    """The refusal is our own decision (nothing was sent): the DSN must not
+    claim that the server answered 553 (RFC 3464 §2.3.6: diagnostic type
+    'smtp' is a reply the remote MTA issued)."""
+    g = groups(["127.0.0.7", SRC_IP], per_sink={"127.0.0.7": {"smtputf8": False}})
+    eng = engines.make(remote_port=g.port)
+    eng.send(message("utf8 refused"), sender=SENDER, recipients=["usér@utf8no.test"])
+    dsn = parse_dsn(g[SRC_IP].wait_for(1)[0])
+    r = dsn.per_recipient[0]
+    assert norm(r["Status"]) == "5.6.7"
+    assert not norm(r["Diagnostic-Code"]).lower().startswith("smtp;"), r["Diagnostic-Code"]
+    assert "SMTPUTF8" in norm(r["Diagnostic-Code"])
+    assert " answered" not in dsn.human.get_content(), dsn.human.get_content()
+    assert not any(ln.upper().startswith(("MAIL", "RCPT")) for t in g["127.0.0.7"].transcripts
+                   for ln in t)
+
+
+# ---- DNS verdicts ----------------------------------------------------------------------
 
 
 def test_dns_verdicts(engines, groups):
@@ -591,12 +655,13 @@ def test_dns_verdicts(engines, groups):
     assert status == ["5.1.10", "5.1.2"], status
 
 
-# ---- 13. next MX ------------------------------------------------------------------------
+# ---- next MX ---------------------------------------------------------------------------
 
 
 def test_next_mx_after_refused_connection_and_421_greeting(engines, groups):
-    g = groups(["127.0.0.3", "127.0.0.4", "127.0.0.5"],
-               per_sink={"127.0.0.4": {"greeting": (421, "4.3.2 busy, try another")}})
+    g = groups(["127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"],
+               per_sink={"127.0.0.4": {"greeting": (421, "4.3.2 busy, try another")},
+                         "127.0.0.6": {"greeting": (554, "5.3.2 no service here")}})
     with pytest.raises(OSError):   # the preferred MX of nextmx.test refuses connections
         socket.create_connection((DEAD_IP, g.port), timeout=2).close()
     eng = engines.make(remote_port=g.port)
@@ -608,11 +673,16 @@ def test_next_mx_after_refused_connection_and_421_greeting(engines, groups):
     assert (e2.mx, e2.ip, e2.attempt) == ("mx2.busy.test", "127.0.0.5", 1)
     assert g["127.0.0.4"].connections_total >= 1      # it was asked first
     assert g["127.0.0.4"].messages == []
+    # A 554 greeting (RFC 5321 §3.1): QUIT, and the next MX.
+    q3 = eng.send(message("next after 554"), sender=SENDER, recipients=["c@refusing.test"])
+    e3 = eng.events.wait(1, "delivered", queue_id=q3)[0]
+    assert (e3.mx, e3.ip, e3.attempt) == ("mx2.refusing.test", "127.0.0.5", 1)
+    assert g["127.0.0.6"].connections_total >= 1 and g["127.0.0.6"].messages == []
     assert g.protocol_violations == []
     assert eng.events.select("deferred") == []
 
 
-# ---- 14. expiry -------------------------------------------------------------------------
+# ---- expiry and delay notices ----------------------------------------------------------
 
 
 def test_queue_lifetime_expiry(engines, groups):
@@ -630,7 +700,8 @@ def test_queue_lifetime_expiry(engines, groups):
     r = dsn.per_recipient[0]
     assert norm(r["Action"]) == "failed"
     assert norm(r["Status"]) == "4.4.7"
-    assert "try much later" in norm(r["Diagnostic-Code"])
+    # Status says why we gave up; Diagnostic-Code quotes what the server said.
+    assert "451 4.2.1 try much later" in norm(r["Diagnostic-Code"]), r["Diagnostic-Code"]
     time.sleep(0.7)   # no attempt after expiry
     assert len(eng.events.select("expired", queue_id=qid)) == 1
     n = len(eng.events.select("deferred", queue_id=qid))
@@ -648,7 +719,7 @@ def test_delay_warning(engines, groups):
     dsn = parse_dsn(g[SRC_IP].wait_for(1, timeout=10)[0])
     r = dsn.per_recipient[0]
     assert norm(r["Action"]) == "delayed" and norm(r["Status"]).startswith("4."), r
-    assert "still busy" in norm(r["Diagnostic-Code"])
+    assert "451 4.2.1 still busy" in norm(r["Diagnostic-Code"]), r["Diagnostic-Code"]
     ev = eng.events.wait(1, "delayed", queue_id=qid, timeout=3)[0]
     assert ev.recipient == "x@dest.test" and ev.enhanced and ev.enhanced.startswith("4."), ev
     time.sleep(1.0)    # retries go on, and the warning is not repeated
@@ -657,7 +728,7 @@ def test_delay_warning(engines, groups):
     assert len(eng.events.select("delayed", queue_id=qid)) == 1
 
 
-# ---- 15. queue control ------------------------------------------------------------------
+# ---- queue control ---------------------------------------------------------------------
 
 
 def test_queued_while_disabled_then_delivered_after_restart(engines, groups, tmp_path):
@@ -669,12 +740,6 @@ def test_queued_while_disabled_then_delivered_after_restart(engines, groups, tmp
     time.sleep(0.5)
     assert g["127.0.0.2"].messages == [] and g["127.0.0.2"].connections_total == 0
     assert first.queue_stats()["messages"] == 3
-    # Delivery is off: queue control must not send anything either.
-    first.retry()
-    first.release(ids[0])
-    time.sleep(0.5)
-    assert g["127.0.0.2"].messages == [] and g["127.0.0.2"].connections_total == 0
-    assert first.events.snapshot() == []
     first.stop(timeout=2)
     engines.started.remove(first)
     second = engines.make(data, remote_port=g.port)
@@ -682,6 +747,50 @@ def test_queued_while_disabled_then_delivered_after_restart(engines, groups, tmp
     assert sorted(e.queue_id for e in evs) == sorted(ids)
     assert len(g["127.0.0.2"].wait_for(3)) == 3
     wait_until(lambda: second.queue_stats()["messages"] == 0, 5, "the queue empties")
+
+
+def test_restart_keeps_holds_and_does_not_resend(engines, groups, tmp_path):
+    """What a restart remembers: recipients already delivered are not sent
+    again, deferred ones are tried at start, a hold survives."""
+    g = groups(["127.0.0.2"], rcpt_rules={"temp": Rule(451, "4.3.0 not yet"),
+                                          "held": Rule(451, "4.3.0 not yet")})
+    sink = g["127.0.0.2"]
+    data = tmp_path / "restart-holds"
+    first = engines.make(data, remote_port=g.port, retry_min=30.0, retry_max=60.0)
+    q1 = first.send(message("partly"), sender=SENDER, recipients=["ok@dest.test", "temp@dest.test"])
+    q2 = first.send(message("held"), sender=SENDER, recipients=["held@dest.test"])
+    first.events.wait(1, "delivered", recipient="ok@dest.test")
+    first.events.wait(1, "deferred", recipient="temp@dest.test")
+    first.events.wait(1, "deferred", queue_id=q2)
+    assert first.hold(q2) == 1
+    first.stop(timeout=2)
+    engines.started.remove(first)
+    sink.rcpt_rules.clear()                  # everything would be accepted now
+
+    second = engines.make(data, remote_port=g.port)
+    ev = second.events.wait(1, "delivered", recipient="temp@dest.test", timeout=10)[0]
+    assert ev.queue_id == q1
+    time.sleep(1.0)
+    assert second.events.select("delivered", recipient="ok@dest.test") == []
+    assert second.events.select(queue_id=q2) == [], "a held message was sent after a restart"
+    assert sorted(m.rcpt_tos[0] for m in sink.messages) == ["ok@dest.test", "temp@dest.test"]
+    assert second.release(q2) == 1
+    second.events.wait(1, "delivered", queue_id=q2, timeout=5)
+    wait_until(lambda: second.queue_stats()["messages"] == 0, 5, "the queue empties")
+
+
+def test_queue_control_sends_nothing_while_delivery_is_off(engines, groups):
+    g = groups(["127.0.0.2"])
+    eng = engines.make(remote_port=g.port, delivery_enabled=False)
+    ids = [eng.send(message(f"off {i}"), sender=SENDER, recipients=[f"r{i}@dest.test"])
+           for i in range(2)]
+    eng.retry()
+    eng.release(ids[0])
+    eng.retry(ids[1])
+    time.sleep(0.5)
+    assert g["127.0.0.2"].messages == [] and g["127.0.0.2"].connections_total == 0
+    assert eng.events.snapshot() == []
+    assert eng.queue_stats()["messages"] == 2
 
 
 def test_hold_retry_release(engines, groups):
@@ -727,7 +836,7 @@ def test_delete_deferred_message(engines, groups):
         eng.delete(qid)
 
 
-# ---- 16. source pools -------------------------------------------------------------------
+# ---- source pools ----------------------------------------------------------------------
 
 
 def test_source_pools(engines, groups):
@@ -753,7 +862,7 @@ def test_source_pools(engines, groups):
                      "c@dest.test": "127.0.0.1", "d@dest.test": "127.0.0.5"}, peers
 
 
-# ---- 17. the Python API ------------------------------------------------------------------
+# ---- the Python API --------------------------------------------------------------------
 
 
 def test_send_email_message(engines, groups):
@@ -773,6 +882,13 @@ def test_send_email_message(engines, groups):
     assert got["Subject"] == "an EmailMessage"
     assert got["Date"] and got["Message-ID"]     # added by send()
     assert got.get_content().replace("\r\n", "\n") == "Grüße aus Köln\n"
+    # What send() refuses, it refuses at once, with an exception.
+    from mailengine.delivery import SendError
+    for bad in ([], ["no-at-sign"], ["a b@dest.test"], ["<x@dest.test>"]):
+        with pytest.raises(SendError):
+            eng.send(msg, sender=SENDER, recipients=bad)
+    with pytest.raises(SendError):
+        eng.send(msg, sender="not an address", recipients=["x@dest.test"])
 
 
 def test_send_many_generator(engines, groups):
@@ -843,17 +959,16 @@ def test_async_deliveries_iterator(dns, groups, tmp_path):
     assert len(g["127.0.0.2"].wait_for(1)) == 1
 
 
-# ---- mail received over SMTP and relayed ---------------------------------------------
+# ---- mail received over SMTP and relayed -----------------------------------------------
 
 
 def test_smtp_received_mail_is_relayed_with_only_dsn_parameters(engines, groups):
     """Mail a trusted client hands to the MX listener for a remote domain goes
     out with the DSN parameters (RFC 3461 §4) passed on, and only those:
     SIZE and BODY are the client's business with us, not with the next hop."""
-    g = groups(["127.0.0.2"], dsn=True)
+    g = groups(["127.0.0.2", SRC_IP], dsn=True)
     sink = g["127.0.0.2"]
     eng = engines.make(remote_port=g.port)
-    import smtplib
     body = message("relayed over smtp", to="b@d1.test")
     with smtplib.SMTP("127.0.0.1", eng.config.listeners[0].port, timeout=10) as c:
         c.ehlo("client.test")
@@ -864,7 +979,8 @@ def test_smtp_received_mail_is_relayed_with_only_dsn_parameters(engines, groups)
         assert c.rcpt("b@d1.test", ["NOTIFY=FAILURE", "ORCPT=rfc822;b@d1.test"])[0] == 250
         code, reply = c.data(body)
         assert code == 250, reply
-    ev = eng.events.wait(1, "delivered", recipient="b@d1.test", timeout=10)[0]
+    ev = wait_final(eng.events, recipient="b@d1.test")
+    assert ev.type == "delivered", ev
     assert ev.sender == "a@src.test"
     got = sink.wait_for(1)[0]
     opts = {o.upper() for o in got.mail_options}
@@ -874,7 +990,7 @@ def test_smtp_received_mail_is_relayed_with_only_dsn_parameters(engines, groups)
     assert sink.protocol_violations == []
 
 
-# ---- 18. the CLI ------------------------------------------------------------------------
+# ---- the CLI ---------------------------------------------------------------------------
 
 
 def test_cli_serve_send_hold_release(dns, groups, tmp_path):

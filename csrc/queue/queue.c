@@ -49,6 +49,7 @@ struct qmsg;
 struct qrcpt {
     char *addr;
     char *params;
+    char *dsn_params;              /* NOTIFY= and ORCPT= only, or NULL */
     char *domain;                  /* lower case, owned */
     uint8_t state;
     uint8_t notify;
@@ -81,6 +82,7 @@ struct qmsg {
     char *envbuf;
     char *sender;
     char *mail_params;
+    char *dsn_mail_params;         /* RET= and ENVID= only, or NULL */
     char *pool;
     char *tags_json;               /* ["a","b"] or NULL */
     unsigned nrcpt;
@@ -568,7 +570,11 @@ static void msg_unlink(struct queue *q, struct qmsg *m)
 
 static void msg_free(struct qmsg *m)
 {
-    for (unsigned i = 0; i < m->nrcpt; i++) free(m->rcpt[i].domain);
+    for (unsigned i = 0; i < m->nrcpt; i++) {
+        free(m->rcpt[i].domain);
+        free(m->rcpt[i].dsn_params);
+    }
+    free(m->dsn_mail_params);
     free(m->rcpt);
     free(m->joblist);
     free(m->envbuf);
@@ -589,6 +595,43 @@ static bool has_8bit(const char *p, size_t n)
         if ((unsigned char)p[i] & 0x80) return true;
     return false;
 }
+
+/* The words of params whose keyword is one of keys (RFC 3461 parameters
+ * are the only ones passed on: SIZE, BODY and SMTPUTF8 are the client's
+ * own to set for the next hop). NULL when there are none. */
+static char *params_only(const char *params, const char *const *keys)
+{
+    if (!params || !*params) return NULL;
+    size_t len = strlen(params);
+    char *out = malloc(len + 1);
+    if (!out) return NULL;
+    size_t n = 0;
+    const char *p = params;
+    while (*p) {
+        while (*p == ' ') p++;
+        const char *e = strchr(p, ' ');
+        size_t wl = e ? (size_t)(e - p) : strlen(p);
+        for (const char *const *k = keys; wl && *k; k++) {
+            size_t kl = strlen(*k);
+            if (wl > kl && p[kl] == '=' && strncasecmp(p, *k, kl) == 0) {
+                if (n) out[n++] = ' ';
+                memcpy(out + n, p, wl);
+                n += wl;
+                break;
+            }
+        }
+        p += wl;
+    }
+    out[n] = 0;
+    if (n == 0) {
+        free(out);
+        return NULL;
+    }
+    return out;
+}
+
+static const char *const dsn_mail_keys[] = {"RET", "ENVID", NULL};
+static const char *const dsn_rcpt_keys[] = {"NOTIFY", "ORCPT", NULL};
 
 /* Parse the envelope (see docs/internals.md) into m. */
 static int msg_parse_env(struct qmsg *m, const char *env, size_t len)
@@ -616,11 +659,13 @@ static int msg_parse_env(struct qmsg *m, const char *env, size_t len)
             case 'F':
                 m->sender = v;
                 m->mail_params = params;
+                m->dsn_mail_params = params_only(params, dsn_mail_keys);
                 break;
             case 'R': {
                 struct qrcpt *r = &m->rcpt[m->nrcpt++];
                 r->addr = v;
                 r->params = params;
+                r->dsn_params = params_only(params, dsn_rcpt_keys);
                 r->notify = (uint8_t)dsn_notify_of(params ? params : "");
                 const char *at = strrchr(v, '@');
                 r->domain = strdup(at ? at + 1 : "");
@@ -837,7 +882,8 @@ static uint64_t backoff_ms(const struct delivery_cfg *dc, unsigned attempts)
 
 /* Append a DSN to the queue's own spool for the given recipients. */
 static void send_dsn(struct queue *q, struct qmsg *m, const unsigned *ri, unsigned n,
-                     const struct smtp_outcome *outs, const char *const *mxs, int action);
+                     const struct smtp_outcome *outs, const char *const *mxs, int action,
+                     const char *status);
 
 /* Recipients of one message that one DSN reports. */
 struct dsn_batch {
@@ -868,9 +914,10 @@ static void batch_add(struct dsn_batch *b, unsigned i, const struct smtp_outcome
 }
 
 /* Send the DSN (when there is anything to report) and free the batch. */
-static void batch_send(struct queue *q, struct qmsg *m, struct dsn_batch *b, int action)
+static void batch_send(struct queue *q, struct qmsg *m, struct dsn_batch *b, int action,
+                       const char *status)
 {
-    if (b->n) send_dsn(q, m, b->ri, b->n, b->outs, b->mxs, action);
+    if (b->n) send_dsn(q, m, b->ri, b->n, b->outs, b->mxs, action, status);
     free(b->ri);
     free(b->outs);
     free(b->mxs);
@@ -882,8 +929,9 @@ static void rcpt_final(struct queue *q, struct qmsg *m, unsigned ri);
 /* Every pending recipient of j fails for good with o: events, one DSN,
  * final state; j goes away. */
 static void job_fail(struct queue *q, struct qjob *j, int ev, const struct smtp_outcome *o,
-                     const char *mx)
+                     const char *mx, const struct smtp_outcome *dsn_o)
 {
+    if (!dsn_o) dsn_o = o;
     struct qmsg *m = j->m;
     struct dsn_batch b;
     batch_init(&b, j->n);
@@ -891,9 +939,10 @@ static void job_fail(struct queue *q, struct qjob *j, int ev, const struct smtp_
         unsigned i = j->idx[k];
         if (m->rcpt[i].state != R_PENDING) continue;
         emit_event(q, ev, m, i, mx, NULL, o, j->attempts, 0);
-        batch_add(&b, i, o, mx);
+        batch_add(&b, i, dsn_o, mx);
     }
-    batch_send(q, m, &b, DSN_FAILED);
+    /* RFC 3463: 4.4.7, delivery time expired, whatever the last reply was. */
+    batch_send(q, m, &b, DSN_FAILED, ev == EV_EXPIRED ? "4.4.7" : NULL);
     for (unsigned k = 0; k < j->n; k++) rcpt_final(q, m, j->idx[k]);
     job_free(j);
     msg_maybe_final(q, m);
@@ -923,10 +972,12 @@ static void job_defer(struct queue *q, struct qjob *j, const struct smtp_outcome
     uint64_t expires = m->arrival_ms + dc->lifetime_ms;
     if (now >= expires) {
         /* RFC 5321 §4.5.4.1: give up and tell the sender. */
-        struct smtp_outcome ex = j->last;
+        /* The event says 4.4.7 (delivery time expired); the bounce quotes
+         * the last reply as it was, with Status 4.4.7. */
+        struct smtp_outcome ex = j->last, last = j->last;
         ex.temp = 0;
         snprintf(ex.enh, sizeof ex.enh, "4.4.7");
-        job_fail(q, j, EV_EXPIRED, &ex, j->last_mx);
+        job_fail(q, j, EV_EXPIRED, &ex, j->last_mx, &last);
         return;
     }
     if (dc->delay_warning_ms && !j->warned && now >= m->arrival_ms + dc->delay_warning_ms) {
@@ -939,7 +990,7 @@ static void job_defer(struct queue *q, struct qjob *j, const struct smtp_outcome
             emit_event(q, EV_DELAYED, m, i, j->last_mx, NULL, &j->last, j->attempts, 0);
             if (m->rcpt[i].notify & DSN_NOTIFY_DELAY) batch_add(&b, i, &j->last, j->last_mx);
         }
-        batch_send(q, m, &b, DSN_DELAYED);
+        batch_send(q, m, &b, DSN_DELAYED, NULL);
     }
     /* The last attempt falls on the expiry time, not past it. */
     if (now + delay > expires) delay = expires - now;
@@ -1177,7 +1228,7 @@ static void dest_fail_ready(struct qdest *d, const struct smtp_outcome *o, const
                     emit_event(q, EV_DEFERRED, m, j->idx[k], mx, NULL, o, j->attempts, 0);
             job_defer(q, j, o, mx);
         } else {
-            job_fail(q, j, EV_BOUNCED, o, mx);
+            job_fail(q, j, EV_BOUNCED, o, mx, NULL);
         }
     }
 }
@@ -1476,10 +1527,10 @@ static void qc_start_job(struct qconn *qc, struct qjob *j)
     }
     for (unsigned k = 0; k < j->n; k++) {
         qc->rcpts[k] = m->rcpt[j->idx[k]].addr;
-        qc->rparams[k] = m->rcpt[j->idx[k]].params;
+        qc->rparams[k] = m->rcpt[j->idx[k]].dsn_params;
     }
     qc->txn.sender = m->sender;
-    qc->txn.mail_params = m->mail_params;
+    qc->txn.mail_params = m->dsn_mail_params;
     qc->txn.nrcpt = j->n;
     qc->txn.rcpts = qc->rcpts;
     qc->txn.rcpt_params = qc->rparams;
@@ -1557,7 +1608,7 @@ static void qc_txn_done(struct smtp_client *cl, struct smtp_txn *t)
             temp_o = o;
         }
     }
-    batch_send(q, m, &b, DSN_FAILED);
+    batch_send(q, m, &b, DSN_FAILED, NULL);
     j->n = ntemp;
     if (ntemp) {
         j->state = J_WAIT;
@@ -1621,7 +1672,8 @@ static const struct smtp_client_ops qc_ops = {
 static void sub_done(struct spool_rec *r, int err);
 
 static void send_dsn(struct queue *q, struct qmsg *m, const unsigned *ri, unsigned n,
-                     const struct smtp_outcome *outs, const char *const *mxs, int action)
+                     const struct smtp_outcome *outs, const char *const *mxs, int action,
+                     const char *status_override)
 {
     /* Never a bounce to the null sender (RFC 5321 §4.5.5, §6.1). */
     if (!m->sender[0]) return;
@@ -1639,7 +1691,8 @@ static void send_dsn(struct queue *q, struct qmsg *m, const unsigned *ri, unsign
         dr[k].final_rcpt = r->addr;
         dr[k].orcpt = dsn_param(r->params ? r->params : "", "ORCPT", orcpt[k], sizeof orcpt[k]) == 0 ? orcpt[k] : NULL;
         dr[k].action = action;
-        snprintf(status[k], sizeof status[k], "%s", o->enh[0] ? o->enh : (o->temp ? "4.0.0" : "5.0.0"));
+        snprintf(status[k], sizeof status[k], "%s",
+                 status_override ? status_override : o->enh[0] ? o->enh : (o->temp ? "4.0.0" : "5.0.0"));
         dr[k].status = status[k];
         dr[k].remote_mta = mxs[x] && mxs[x][0] && o->code ? mxs[x] : NULL;
         if (o->code) {
@@ -2039,6 +2092,8 @@ static void ctl_apply(struct queue *q, struct qmsg *m, enum queue_op op)
         } else if (m->held) {
             return;
         }
+        /* With delivery off, jobs stay parked whatever the flags say. */
+        if (!q->dc->enabled) break;
         for (unsigned i = 0; i < m->jobs; i++) {
             struct qjob *j = m->joblist[i];
             if (j->state == J_HELD || j->state == J_WAIT) {

@@ -247,7 +247,7 @@ void smtp_client_send(struct smtp_client *c, struct smtp_txn *t)
      * back from inside its own call. */
     if (t->utf8 && !(c->caps.ext & SMTP_EXT_SMTPUTF8)) {
         /* RFC 6531 §3.4: no downgrade; the message cannot go this way. */
-        outcome_local(&t->msg_out, STAGE_LOCAL, 0, 553, "5.6.7",
+        outcome_local(&t->msg_out, STAGE_LOCAL, 0, 0, "5.6.7",
                       "%s does not support SMTPUTF8, and the envelope needs it", c->host);
         c->state = C_MAIL;
         c->task.fn = txn_task;
@@ -255,7 +255,7 @@ void smtp_client_send(struct smtp_client *c, struct smtp_txn *t)
         return;
     }
     if (c->caps.size && t->body_len + t->prefix_len > c->caps.size) {
-        outcome_local(&t->msg_out, STAGE_LOCAL, 0, 552, "5.3.4",
+        outcome_local(&t->msg_out, STAGE_LOCAL, 0, 0, "5.3.4",
                       "message size %zu exceeds the limit of %llu bytes of %s",
                       t->body_len + t->prefix_len, (unsigned long long)c->caps.size, c->host);
         c->state = C_MAIL;
@@ -292,7 +292,10 @@ static void txn_task(struct loop_task *tk)
     }
 }
 
-/* Every recipient gets its outcome; the transaction is handed back. */
+/* Every recipient gets its outcome; the transaction is handed back. With
+ * msg_failed (MAIL refused, or refused before sending) msg_out is everyone's;
+ * otherwise recipients keep their own RCPT refusal and the accepted ones
+ * (and any never answered) get msg_out. */
 static void txn_finish(struct smtp_client *c)
 {
     struct smtp_txn *t = c->txn;
@@ -317,8 +320,12 @@ static void txn_lost(struct smtp_client *c, const char *why)
 {
     struct smtp_txn *t = c->txn;
     if (!t) return;
-    outcome_local(&t->msg_out, state_stage[c->state], 1, 0, "4.4.2", "%s", why);
-    c->msg_failed = true;
+    /* A refusal already heard stands (a MAIL refusal for everyone, a RCPT
+     * refusal for its recipient); the rest never got a final answer. */
+    if (!c->msg_failed) {
+        outcome_local(&t->msg_out, state_stage[c->state], 1, 0, "4.4.2", "%s", why);
+        t->accepted = 0;
+    }
     c->state = C_DEAD;
     txn_finish(c);
 }
@@ -458,8 +465,11 @@ static void on_reply(struct smtp_client *c)
             if (code / 100 == 2) t->accepted++;
         }
         if (code == 421) {
-            outcome_reply(&t->msg_out, r, STAGE_RCPT);
-            c->msg_failed = true;
+            /* Recipients refused before keep their answer; the others wait. */
+            if (!c->msg_failed) {
+                outcome_reply(&t->msg_out, r, STAGE_RCPT);
+                t->accepted = 0;
+            }
             txn_end(c, code);
             return;
         }
