@@ -92,6 +92,7 @@ struct qmsg {
     unsigned jobs;
     struct qjob **joblist;
     bool held, deleted, utf8, eightbit;
+    unsigned holds;                /* bounces not yet durable that report on it */
     bool dkim_done;
     char *dkim;
     size_t dkim_len;
@@ -173,6 +174,11 @@ struct qconn {
 struct qsub {
     struct spool_rec rec;
     struct queue *q;
+    /* A bounce: the recipients it reports become final in the state log
+     * only once it is itself on disk, so a crash cannot lose it. */
+    struct qmsg *m;
+    unsigned *fin;
+    unsigned nfin;
     char *env;
     char *msg;
     size_t msg_len;
@@ -278,11 +284,20 @@ static unsigned hash_str(const char *s)
 
 /* ---- appending logs: one write in flight per file keeps lines in order ---- */
 
-static void log_write_done(struct loop_op *op, struct io_uring_cqe *cqe);
+static void seg_free(struct qseg *s);
 
-static void seg_log_submit(struct qseg *s)
+static void seg_mark_dirty(struct qseg *s)
 {
-    if (s->log_busy || bytebuf_used(&s->log_pend) == 0 || s->log_fd < 0) return;
+    if (s->log_queued) return;
+    s->log_queued = true;
+    s->log_next = s->q->log_dirty;
+    s->q->log_dirty = s;
+}
+
+/* Hand the segment's pending lines to the kernel; link: the next SQE of
+ * the chain waits for this one. */
+static void seg_log_submit(struct qseg *s, bool link)
+{
     struct bytebuf tmp = s->log_flight;
     s->log_flight = s->log_pend;
     s->log_pend = tmp;
@@ -290,73 +305,95 @@ static void seg_log_submit(struct qseg *s)
     /* O_APPEND: the offset is ignored and each write lands at the end. */
     io_uring_prep_write(sqe, s->log_fd, bytebuf_head(&s->log_flight),
                         (unsigned)bytebuf_used(&s->log_flight), (uint64_t)-1);
+    if (link) sqe->flags |= IOSQE_IO_LINK;
     loop_sqe_set_op(sqe, &s->log_op);
     s->log_busy = true;
 }
 
-static void seg_free(struct qseg *s);
-
 static void log_write_done(struct loop_op *op, struct io_uring_cqe *cqe)
 {
     struct qseg *s = container_of(op, struct qseg, log_op);
+    struct queue *q = s->q;
     s->log_busy = false;
-    if (cqe->res < 0) {
+    if (cqe->res == -ECANCELED || (cqe->res >= 0 && (size_t)cqe->res < bytebuf_used(&s->log_flight))) {
+        /* The chain broke before us, or a short write: what is left goes
+         * out again, ahead of lines queued since. */
+        if (cqe->res > 0) bytebuf_consume(&s->log_flight, (size_t)cqe->res);
+        bytebuf_append(&s->log_flight, bytebuf_head(&s->log_pend), bytebuf_used(&s->log_pend));
+        bytebuf_free(&s->log_pend);
+        s->log_pend = s->log_flight;
+        memset(&s->log_flight, 0, sizeof s->log_flight);
+    } else if (cqe->res < 0) {
         log_error("queue", "state log of segment %s: %s", s->path, strerror(-cqe->res));
-    } else if ((size_t)cqe->res < bytebuf_used(&s->log_flight)) {
-        bytebuf_consume(&s->log_flight, (size_t)cqe->res);
-        struct io_uring_sqe *sqe = loop_sqe(&s->q->loop);
-        io_uring_prep_write(sqe, s->log_fd, bytebuf_head(&s->log_flight),
-                            (unsigned)bytebuf_used(&s->log_flight), (uint64_t)-1);
-        loop_sqe_set_op(sqe, &s->log_op);
-        s->log_busy = true;
-        return;
     }
     bytebuf_free(&s->log_flight);
     if (s->deleted) {
         seg_free(s);
         return;
     }
-    seg_log_submit(s);
-    maybe_finish_stop(s->q);
+    if (bytebuf_used(&s->log_pend)) {
+        seg_mark_dirty(s);
+        loop_defer(&q->loop, &q->log_task);
+    }
+    maybe_finish_stop(q);
 }
 
+/* End of turn: events.jsonl first, then the state logs, linked so that
+ * no outcome reaches a state log before its event line reached
+ * events.jsonl (after a crash an event may repeat, never go missing). */
 static void log_task_run(struct loop_task *t)
 {
     struct queue *q = container_of(t, struct queue, log_task);
-    struct qseg *s = q->log_dirty;
-    q->log_dirty = NULL;
-    while (s) {
-        struct qseg *next = s->log_next;
-        s->log_queued = false;
-        seg_log_submit(s);
-        s = next;
-    }
-    if (!q->ev_busy && bytebuf_used(&q->ev_pend) > 0 && q->events_fd >= 0) {
+    if (q->ev_busy) return;   /* ev_write_done runs us again */
+    unsigned nseg = 0;
+    for (struct qseg *s = q->log_dirty; s; s = s->log_next)
+        if (!s->log_busy && bytebuf_used(&s->log_pend) && s->log_fd >= 0) nseg++;
+    bool ev = bytebuf_used(&q->ev_pend) > 0 && q->events_fd >= 0;
+    if (io_uring_sq_space_left(&q->loop.ring) < nseg + 1) io_uring_submit(&q->loop.ring);
+    if (ev) {
         struct bytebuf tmp = q->ev_flight;
         q->ev_flight = q->ev_pend;
         q->ev_pend = tmp;
         struct io_uring_sqe *sqe = loop_sqe(&q->loop);
         io_uring_prep_write(sqe, q->events_fd, bytebuf_head(&q->ev_flight),
                             (unsigned)bytebuf_used(&q->ev_flight), (uint64_t)-1);
+        if (nseg) sqe->flags |= IOSQE_IO_LINK;
         loop_sqe_set_op(sqe, &q->ev_op);
         q->ev_busy = true;
     }
+    struct qseg *s = q->log_dirty, *keep = NULL;
+    q->log_dirty = NULL;
+    while (s) {
+        struct qseg *next = s->log_next;
+        if (!s->log_busy && bytebuf_used(&s->log_pend) && s->log_fd >= 0) {
+            s->log_queued = false;
+            seg_log_submit(s, --nseg > 0);
+        } else if (s->log_busy && bytebuf_used(&s->log_pend)) {
+            s->log_next = keep;   /* its write completing brings it back */
+            keep = s;
+        } else {
+            s->log_queued = false;
+        }
+        s = next;
+    }
+    q->log_dirty = keep;
 }
 
 static void ev_write_done(struct loop_op *op, struct io_uring_cqe *cqe)
 {
     struct queue *q = container_of(op, struct queue, ev_op);
     q->ev_busy = false;
-    if (cqe->res < 0) log_error("queue", "events.jsonl: %s", strerror(-cqe->res));
-    else if ((size_t)cqe->res < bytebuf_used(&q->ev_flight)) {
+    if (cqe->res < 0) {
+        log_error("queue", "events.jsonl: %s", strerror(-cqe->res));
+    } else if ((size_t)cqe->res < bytebuf_used(&q->ev_flight)) {
         bytebuf_consume(&q->ev_flight, (size_t)cqe->res);
-        if (bytebuf_used(&q->ev_pend)) bytebuf_append(&q->ev_flight, bytebuf_head(&q->ev_pend), bytebuf_used(&q->ev_pend));
+        bytebuf_append(&q->ev_flight, bytebuf_head(&q->ev_pend), bytebuf_used(&q->ev_pend));
         bytebuf_free(&q->ev_pend);
         q->ev_pend = q->ev_flight;
         memset(&q->ev_flight, 0, sizeof q->ev_flight);
     }
     bytebuf_free(&q->ev_flight);
-    if (bytebuf_used(&q->ev_pend)) loop_defer(&q->loop, &q->log_task);
+    if (bytebuf_used(&q->ev_pend) || q->log_dirty) loop_defer(&q->loop, &q->log_task);
     maybe_finish_stop(q);
 }
 
@@ -370,11 +407,7 @@ static void seg_log_line(struct qseg *s, const char *fmt, ...)
     va_end(ap);
     if (n <= 0 || (size_t)n >= sizeof line) return;
     bytebuf_append(&s->log_pend, line, (size_t)n);
-    if (!s->log_queued) {
-        s->log_queued = true;
-        s->log_next = s->q->log_dirty;
-        s->q->log_dirty = s;
-    }
+    seg_mark_dirty(s);
     loop_defer(&s->q->loop, &s->q->log_task);
 }
 
@@ -881,9 +914,11 @@ static uint64_t backoff_ms(const struct delivery_cfg *dc, unsigned attempts)
 }
 
 /* Append a DSN to the queue's own spool for the given recipients. */
-static void send_dsn(struct queue *q, struct qmsg *m, const unsigned *ri, unsigned n,
-                     const struct smtp_outcome *outs, const char *const *mxs, int action,
-                     const char *status);
+static struct qsub *send_dsn(struct queue *q, struct qmsg *m, const unsigned *ri, unsigned n,
+                             const struct smtp_outcome *outs, const char *const *mxs, int action,
+                             const char *status);
+
+static void rcpt_final(struct queue *q, struct qmsg *m, unsigned ri);
 
 /* Recipients of one message that one DSN reports. */
 struct dsn_batch {
@@ -914,17 +949,36 @@ static void batch_add(struct dsn_batch *b, unsigned i, const struct smtp_outcome
 }
 
 /* Send the DSN (when there is anything to report) and free the batch. */
-static void batch_send(struct queue *q, struct qmsg *m, struct dsn_batch *b, int action,
-                       const char *status)
+static struct qsub *batch_send(struct queue *q, struct qmsg *m, struct dsn_batch *b, int action,
+                               const char *status)
 {
-    if (b->n) send_dsn(q, m, b->ri, b->n, b->outs, b->mxs, action, status);
+    struct qsub *sub = b->n ? send_dsn(q, m, b->ri, b->n, b->outs, b->mxs, action, status) : NULL;
     free(b->ri);
     free(b->outs);
     free(b->mxs);
     memset(b, 0, sizeof *b);
+    return sub;
 }
 
-static void rcpt_final(struct queue *q, struct qmsg *m, unsigned ri);
+/* The recipient is final now; its state-log line waits for the bounce
+ * that reports it (sub), when there is one. */
+static void rcpt_final_after(struct queue *q, struct qmsg *m, unsigned ri, struct qsub *sub)
+{
+    if (!sub || !sub->fin) {
+        rcpt_final(q, m, ri);
+        return;
+    }
+    if (m->rcpt[ri].state == R_DONE) return;
+    m->rcpt[ri].state = R_DONE;
+    m->pending--;
+    m->remote_pending--;
+    sub->fin[sub->nfin++] = ri;
+    if (!sub->m) {
+        sub->m = m;
+        m->holds++;
+    }
+}
+
 
 /* Every pending recipient of j fails for good with o: events, one DSN,
  * final state; j goes away. */
@@ -942,8 +996,8 @@ static void job_fail(struct queue *q, struct qjob *j, int ev, const struct smtp_
         batch_add(&b, i, dsn_o, mx);
     }
     /* RFC 3463: 4.4.7, delivery time expired, whatever the last reply was. */
-    batch_send(q, m, &b, DSN_FAILED, ev == EV_EXPIRED ? "4.4.7" : NULL);
-    for (unsigned k = 0; k < j->n; k++) rcpt_final(q, m, j->idx[k]);
+    struct qsub *sub = batch_send(q, m, &b, DSN_FAILED, ev == EV_EXPIRED ? "4.4.7" : NULL);
+    for (unsigned k = 0; k < j->n; k++) rcpt_final_after(q, m, j->idx[k], sub);
     job_free(j);
     msg_maybe_final(q, m);
 }
@@ -1002,6 +1056,7 @@ static void msg_maybe_final(struct queue *q, struct qmsg *m)
 {
     if (m->pending > 0 && !m->deleted) return;
     if (m->jobs > 0) return;          /* a transaction still refers to it */
+    if (m->holds > 0) return;         /* a bounce about it is not on disk yet */
     if (m->seg) {
         seg_log_line(m->seg, "D %s\n", m->id);
         m->seg->live--;
@@ -1242,7 +1297,10 @@ static void qc_connect_failed(struct qconn *qc)
     /* Set-up failures (refused, 4xx or 5xx greeting, TLS) keep the mail:
      * another attempt may meet a working host. */
     qc->last_fail.temp = 1;
-    if (d->nconn == 1) {
+    /* No established connection (the others, if any, are still trying):
+     * treat the destination as down, or failing connections would be
+     * replaced by new ones for as long as mail waits. */
+    if (d->nconn - 1 - d->nconnecting == 0) {
         /* No connection to this destination works: everything waiting for
          * it waits for the next retry, and new arrivals do too for a while. */
         d->dead_until_ms = timer_now_ms() + (qc->q->dc->retry_min_ms < 60000 ? qc->q->dc->retry_min_ms : 60000);
@@ -1491,7 +1549,14 @@ static void dest_kick(struct qdest *d)
         timer_cancel(&q->loop.timers, &qc->idle_timer);
         qc_ops.ready(&qc->cl);
     }
-    if (d->dead_until_ms > timer_now_ms()) return;
+    uint64_t now = timer_now_ms();
+    if (d->dead_until_ms > now) {
+        /* Look again when the destination may be back (a job's own timer
+         * may fire a tick before that). */
+        if (d->ready && !timer_armed(&d->rate_timer))
+            timer_arm(&q->loop.timers, &d->rate_timer, d->dead_until_ms - now);
+        return;
+    }
     while (d->nready > d->nconnecting && d->nconn < d->pol.max_connections) {
         if (d->nrates && rate_wait_ms(d)) {
             if (!timer_armed(&d->rate_timer)) timer_arm(&q->loop.timers, &d->rate_timer, rate_wait_ms(d));
@@ -1590,7 +1655,16 @@ static void qc_txn_done(struct smtp_client *cl, struct smtp_txn *t)
     }
     struct dsn_batch b;
     batch_init(&b, j->n);
-    unsigned ntemp = 0;
+    unsigned ntemp = 0, nbounced = 0;
+    unsigned *bounced = malloc(j->n * sizeof *bounced);
+    if (!bounced) {
+        /* Give the job back; it is tried again (a duplicate is better
+         * than a lost outcome). */
+        batch_send(q, m, &b, DSN_FAILED, NULL);
+        j->state = J_WAIT;
+        job_defer(q, j, NULL, mx);
+        return;
+    }
     const struct smtp_outcome *temp_o = NULL;
     for (unsigned k = 0; k < j->n; k++) {
         unsigned i = j->idx[k];
@@ -1601,14 +1675,16 @@ static void qc_txn_done(struct smtp_client *cl, struct smtp_txn *t)
         } else if (!o->temp) {
             emit_event(q, EV_BOUNCED, m, i, mx, &cl->addr, o, j->attempts, dur);
             batch_add(&b, i, o, mx);
-            rcpt_final(q, m, i);
+            bounced[nbounced++] = i;
         } else {
             emit_event(q, EV_DEFERRED, m, i, mx, &cl->addr, o, j->attempts, dur);
             j->idx[ntemp++] = i;
             temp_o = o;
         }
     }
-    batch_send(q, m, &b, DSN_FAILED, NULL);
+    struct qsub *sub = batch_send(q, m, &b, DSN_FAILED, NULL);
+    for (unsigned k = 0; k < nbounced; k++) rcpt_final_after(q, m, bounced[k], sub);
+    free(bounced);
     j->n = ntemp;
     if (ntemp) {
         j->state = J_WAIT;
@@ -1671,12 +1747,13 @@ static const struct smtp_client_ops qc_ops = {
 
 static void sub_done(struct spool_rec *r, int err);
 
-static void send_dsn(struct queue *q, struct qmsg *m, const unsigned *ri, unsigned n,
-                     const struct smtp_outcome *outs, const char *const *mxs, int action,
-                     const char *status_override)
+static struct qsub *send_dsn(struct queue *q, struct qmsg *m, const unsigned *ri, unsigned n,
+                             const struct smtp_outcome *outs, const char *const *mxs, int action,
+                             const char *status_override)
 {
+    struct qsub *queued = NULL;
     /* Never a bounce to the null sender (RFC 5321 §4.5.5, §6.1). */
-    if (!m->sender[0]) return;
+    if (!m->sender[0]) return NULL;
     struct dsn_rcpt *dr = calloc(n, sizeof *dr);
     char (*status)[16] = calloc(n, sizeof *status);
     char (*diag)[600] = calloc(n, sizeof *diag);
@@ -1746,7 +1823,9 @@ static void send_dsn(struct queue *q, struct qmsg *m, const unsigned *ri, unsign
                     s->rec.iov[2].iov_len = s->msg_len;
                     s->rec.niov = 3;
                     s->rec.done = sub_done;
+                    s->fin = calloc(n, sizeof *s->fin);
                     spool_append(q->spool, &s->rec);
+                    queued = s;
                     s = NULL;
                 }
             }
@@ -1763,6 +1842,7 @@ static void send_dsn(struct queue *q, struct qmsg *m, const unsigned *ri, unsign
     free(status);
     free(diag);
     free(orcpt);
+    return queued;
 }
 
 /* ---- submissions from Python and the queue's own spool ---- */
@@ -1784,6 +1864,14 @@ static void sub_done(struct spool_rec *r, int err)
     }
     struct queue *q = s->q;
     if (s->batch) batch_one_done(s->batch);
+    if (s->m) {
+        struct qmsg *m = s->m;
+        for (unsigned i = 0; i < s->nfin && !m->deleted && m->seg; i++)
+            seg_log_line(m->seg, "R %s %u\n", m->id, s->fin[i]);
+        m->holds--;
+        msg_maybe_final(q, m);
+    }
+    free(s->fin);
     free(s->env);
     free(s->msg);
     free(s);
