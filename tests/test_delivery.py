@@ -235,7 +235,6 @@ def test_relay_failures_defer_and_send_nothing(engines, groups):
         d = eng.events.wait(1, "deferred", queue_id=qid)[0]
         assert d.enhanced and d.enhanced.startswith("4.7." if what != "wrong password" else ""), \
             (what, d)
-        eng.events.wait(2, "deferred", queue_id=qid, timeout=5)   # and again later
         assert eng.events.select("bounced", queue_id=qid) == [], what
     for sink in g:
         assert sink.messages == [], sink.name
@@ -273,6 +272,46 @@ def test_temporary_failure_retried_with_backoff(engines, groups):
     assert gaps[1] >= 0.4, gaps
     assert max(gaps) < 0.95, gaps               # capped at retry_max
     assert [m.rcpt_tos for m in g["127.0.0.2"].wait_for(1)] == [["temp@dest.test"]]
+
+
+def test_reply_timeout_defers(engines, groups):
+    """A server that does not answer the end of the message within
+    reply_timeout: deferred (we cannot know it took the message), retried."""
+    g = groups(["127.0.0.2"], data_reply=Rule(250, "2.0.0 too late", delay=2.5, times=1))
+    eng = engines.make(remote_port=g.port, reply_timeout=0.8)
+    t0 = time.monotonic()
+    qid = eng.send(message("slow server"), sender=SENDER, recipients=["x@dest.test"])
+    d = eng.events.wait(1, "deferred", queue_id=qid, timeout=5)[0]
+    assert 0.6 <= time.monotonic() - t0 < 2.4, time.monotonic() - t0
+    assert d.attempt == 1 and d.enhanced and d.enhanced.startswith("4.4."), d
+    ok = eng.events.wait(1, "delivered", queue_id=qid, timeout=5)[0]
+    assert ok.attempt == 2
+
+
+def test_unreachable_destination_keeps_being_retried(engines, groups):
+    """Every connection refused: the destination counts as dead for a while
+    (retry_min), and its mail, what was waiting and what arrives meanwhile,
+    is tried again afterwards, and again after each failure."""
+    g = groups(["127.0.0.2"])
+    with pytest.raises(OSError):
+        socket.create_connection((DEAD_IP, g.port), timeout=2).close()
+    eng = engines.make(remote_port=g.port, retry_min=0.3, retry_max=0.3)
+    first = eng.send(message("dead 0"), sender=SENDER, recipients=["r0@dead.test"])
+    d = eng.events.wait(1, "deferred", queue_id=first)[0]
+    assert d.enhanced and d.enhanced.startswith("4.4."), d
+    later = [eng.send(message(f"dead {i}"), sender=SENDER, recipients=[f"r{i}@dead.test"])
+             for i in range(1, 5)]
+    ids = [first] + later
+
+    def counts() -> dict[str, int]:
+        return {q: len(eng.events.select("deferred", queue_id=q)) for q in ids}
+
+    # Six rounds each (about 2 s): a stall in any round shows.
+    deadline = time.monotonic() + 6
+    while min(counts().values()) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert min(counts().values()) >= 6, f"deferred events per message: {counts()}"
+    assert eng.events.select("bounced") == [] and eng.events.select("delivered") == []
 
 
 def test_connection_lost_at_end_of_data_is_retried(engines, groups):
@@ -673,6 +712,10 @@ def test_next_mx_after_refused_connection_and_421_greeting(engines, groups):
     assert (e2.mx, e2.ip, e2.attempt) == ("mx2.busy.test", "127.0.0.5", 1)
     assert g["127.0.0.4"].connections_total >= 1      # it was asked first
     assert g["127.0.0.4"].messages == []
+    # The next address of the same host.
+    q4 = eng.send(message("next address"), sender=SENDER, recipients=["d@multi.test"])
+    e4 = eng.events.wait(1, "delivered", queue_id=q4)[0]
+    assert (e4.mx, e4.ip, e4.attempt) == ("mx.multi.test", "127.0.0.3", 1)
     # A 554 greeting (RFC 5321 §3.1): QUIT, and the next MX.
     q3 = eng.send(message("next after 554"), sender=SENDER, recipients=["c@refusing.test"])
     e3 = eng.events.wait(1, "delivered", queue_id=q3)[0]
