@@ -144,6 +144,7 @@ class Engine:
         bytes, str or an email.message.EmailMessage; Date: and Message-ID:
         are added when missing. Returns once the message is on disk."""
         core = self._running_core()
+        self._check_pool(pool)
         item = (envelope_bytes(sender, recipients, pool, tags),
                 message_bytes(message, self.config.hostname))
         ids = core.submit([item])
@@ -164,6 +165,7 @@ class Engine:
         chunk: list[tuple[bytes, bytes]] = []
         for it in items:
             msg, sender, rcpts, pool, tags = outgoing_item(it)
+            self._check_pool(pool)
             chunk.append((envelope_bytes(sender, rcpts, pool, tags), message_bytes(msg, host)))
             if len(chunk) >= batch:
                 ids.extend(self._submit(core, chunk))
@@ -171,6 +173,11 @@ class Engine:
         if chunk:
             ids.extend(self._submit(core, chunk))
         return ids
+
+    def _check_pool(self, pool: str | None) -> None:
+        if pool is not None and pool not in self.config.source_pools:
+            raise SendError(f"pool: no source pool named {pool!r} (configured: "
+                            f"{', '.join(self.config.source_pools) or 'none'})")
 
     @staticmethod
     def _submit(core: Any, chunk: list[tuple[bytes, bytes]]) -> list[str]:

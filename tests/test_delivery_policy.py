@@ -89,3 +89,15 @@ def test_policy_pool_must_exist(engine_factory):
     with pytest.raises(ConfigError) as exc:
         engine_factory(destinations={"x.test": Policy(pool="nope")})
     assert exc.value.key == "destinations.x.test.pool"
+
+
+def test_send_refuses_an_unknown_pool(engine_factory):
+    from mailengine import SendError
+
+    eng = engine_factory(source_pools={"bulk": ["127.0.0.5"]})
+    with pytest.raises(SendError) as exc:
+        eng.send(msg(1), sender="a@src.test", recipients=["x@slow.test"], pool="bluk")
+    assert "bluk" in str(exc.value)
+    with pytest.raises(SendError):
+        eng.send_many([(msg(2), "a@src.test", ["x@slow.test"], "nope")])
+    assert eng.send(msg(3), sender="a@src.test", recipients=["x@slow.test"], pool="bulk")
