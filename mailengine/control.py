@@ -22,6 +22,20 @@ def socket_path(data_dir: str) -> str:
     return str(Path(data_dir) / SOCKET_NAME)
 
 
+def engine_running(data_dir: str) -> bool:
+    """True when an engine answers on data_dir's control socket."""
+    path = socket_path(data_dir)
+    if not os.path.exists(path):
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(0.5)
+            s.connect(path)
+        return True
+    except OSError:
+        return False
+
+
 async def serve_control(engine: Any, data_dir: str) -> asyncio.AbstractServer:
     path = socket_path(data_dir)
     if os.path.exists(path):

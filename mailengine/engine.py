@@ -146,7 +146,7 @@ class Engine:
         core = self._running_core()
         self._check_pool(pool)
         item = (envelope_bytes(sender, recipients, pool, tags),
-                message_bytes(message, self.config.hostname))
+                self._message(message))
         ids = core.submit([item])
         if not ids or ids[0] is None:
             raise SendError("the spool could not store the message (see the log)")
@@ -166,13 +166,21 @@ class Engine:
         for it in items:
             msg, sender, rcpts, pool, tags = outgoing_item(it)
             self._check_pool(pool)
-            chunk.append((envelope_bytes(sender, rcpts, pool, tags), message_bytes(msg, host)))
+            chunk.append((envelope_bytes(sender, rcpts, pool, tags), self._message(msg, host)))
             if len(chunk) >= batch:
                 ids.extend(self._submit(core, chunk))
                 chunk = []
         if chunk:
             ids.extend(self._submit(core, chunk))
         return ids
+
+    def _message(self, message: Any, host: str | None = None) -> bytes:
+        data = message_bytes(message, host or self.config.hostname)
+        limit = self.config.limits.max_message_size
+        if limit and len(data) > limit:
+            # The same limit as SMTP's SIZE (Postfix applies message_size_limit to sendmail too).
+            raise SendError(f"message of {len(data)} bytes is over limits.max_message_size ({limit})")
+        return data
 
     def _check_pool(self, pool: str | None) -> None:
         if pool is not None and pool not in self.config.source_pools:
@@ -245,6 +253,11 @@ class Engine:
         if self._core is not None:
             raise StartError("engine is already running")
         core = self._make_core()
+        from .control import engine_running
+
+        if engine_running(self.config.data_dir):
+            raise StartError(f"another engine is running on {self.config.data_dir} "
+                             "(its control socket answers)")
         try:
             core.start()
         except OSError as e:

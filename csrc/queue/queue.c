@@ -33,9 +33,11 @@
 
 /* The queue's own spool directory (send() and bounces): past any worker. */
 #define QUEUE_SPOOL_INDEX 99
-/* Address space reserved per mapped segment: records are read in place.
- * A record past it (a segment grown by huge messages) is read into memory. */
-#define SEG_MAP_RESERVE (8ull << 30)
+/* Address space reserved per mapped segment, so records are read in place
+ * and pointers into the mapping stay valid as the segment grows: at least
+ * the largest segment the spool can write (it rotates past 64 MiB, after a
+ * batch of at most 256 records of at most max_message_size each). */
+#define SEG_MAP_MIN (8ull << 30)
 #define MSG_HASH_BUCKETS 65536
 #define DEST_HASH_BUCKETS 4096
 
@@ -443,7 +445,13 @@ static struct qseg *seg_open(struct queue *q, int worker, uint32_t num)
     /* Reserve address space for the segment's whole life: records appended
      * later are readable through this same mapping, so pointers into it
      * stay valid. Only what is read is ever faulted in. */
-    void *m = mmap(NULL, SEG_MAP_RESERVE, PROT_READ, MAP_SHARED | MAP_NORESERVE, s->dat_fd, 0);
+    size_t reserve = (size_t)SEG_MAP_MIN;
+    size_t need = (64u << 20) + 256 * (q->cfg->limits.max_message_size + (1u << 20));
+    if (need > reserve) reserve = need;
+    struct stat st;
+    if (fstat(s->dat_fd, &st) == 0 && (size_t)st.st_size + (1u << 30) > reserve)
+        reserve = (size_t)st.st_size + (1u << 30);
+    void *m = mmap(NULL, reserve, PROT_READ, MAP_SHARED | MAP_NORESERVE, s->dat_fd, 0);
     if (m == MAP_FAILED) {
         log_error("queue", "cannot map %s: %s", p, strerror(errno));
         close(s->dat_fd);
@@ -451,7 +459,7 @@ static struct qseg *seg_open(struct queue *q, int worker, uint32_t num)
         return NULL;
     }
     s->map = m;
-    s->map_len = SEG_MAP_RESERVE;
+    s->map_len = reserve;
     snprintf(p, sizeof p, "%s.log", s->path);
     s->log_fd = open(p, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
     if (s->log_fd < 0) log_error("queue", "cannot open %s: %s", p, strerror(errno));
@@ -1372,7 +1380,12 @@ static void qc_try_next(struct qconn *qc)
         memcpy(to.addr, a->addr, 16);
         qc->tried_any = true;
         memset(&qc->cl, 0, sizeof qc->cl);
-        int rc = smtp_client_start(&qc->cl, &q->loop, &to, qc->has_from ? &qc->from : NULL, h->name,
+        /* An address literal ([192.0.2.1]) is named by its address: that
+         * is what TLS can check (no SNI for an IP, RFC 6066 §3). */
+        char ipname[64];
+        const char *hname = h->name;
+        if (hname[0] == '[') hname = conn_addr_str(&to, ipname, sizeof ipname);
+        int rc = smtp_client_start(&qc->cl, &q->loop, &to, qc->has_from ? &qc->from : NULL, hname,
                                    &d->ccfg, &qc_ops, qc);
         if (rc == 0) return;
         memset(&qc->last_fail, 0, sizeof qc->last_fail);
@@ -1965,7 +1978,7 @@ static void on_commit(struct loop *l, struct loop_msg *lm)
     }
     if (c->sealed) {
         s->sealed = true;
-        s->total = c->nrecords;
+        if (s->total != UINT32_MAX) s->total = c->nrecords;
         seg_maybe_delete(s);
         free(c);
         return;
@@ -1975,8 +1988,11 @@ static void on_commit(struct loop *l, struct loop_msg *lm)
     uint32_t env_len;
     uint64_t msg_len, arrival;
     if (c->offset + c->len > s->map_len) {
+        /* Cannot happen with the reservation above; if it did, the segment
+         * is kept (never counted complete) and read again at the next start. */
         log_error("queue", "record at %llu of %s lies past the mapped range; it is delivered after a restart",
                   (unsigned long long)c->offset, s->path);
+        s->total = UINT32_MAX;
         free(c);
         return;
     }
