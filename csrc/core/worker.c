@@ -259,6 +259,8 @@ static void stop_queue_now(struct engine *e)
     e->stop_deadline_ms = 0;
     queue_request_stop(e->queue);
     queue_join(e->queue);
+    /* Signing jobs still out post back to the queue's loop: let them. */
+    while (atomic_load(&e->offload_jobs) > 0) usleep(1000);
     queue_free(e->queue);
     e->queue = NULL;
 }
@@ -304,14 +306,18 @@ int engine_start(struct engine *e, char *err, size_t errlen)
             if (ls->fd < 0) goto fail;
         }
     }
-    if (cfg->delivery) {
-        /* The queue reads the spool before any worker adds a segment. */
-        e->queue = queue_start(e, err, errlen);
-        if (!e->queue) goto fail;
-    }
     if (offload_start() < 0) {
         snprintf(err, errlen, "cannot start the offload thread");
         goto fail;
+    }
+    if (cfg->delivery) {
+        /* The queue reads the spool before any worker adds a segment (its
+         * DKIM signing uses the offload thread, started just before). */
+        e->queue = queue_start(e, err, errlen);
+        if (!e->queue) {
+            offload_stop();
+            goto fail;
+        }
     }
     atomic_store(&e->running_workers, e->nworkers);
     int created = 0;
@@ -340,6 +346,7 @@ int engine_start(struct engine *e, char *err, size_t errlen)
         for (int i = 0; i < created; i++) pthread_join(e->workers[i].thread, NULL);
         for (int i = 0; i < created; i++)
             if (e->workers[i].loop.inbox_fd >= 0) loop_close_inbox(&e->workers[i].loop);
+        stop_queue_now(e);
         offload_stop();
         /* Workers that ran closed their own sockets; the rest are ours. */
         for (int i = 0; i < created; i++)
@@ -348,7 +355,6 @@ int engine_start(struct engine *e, char *err, size_t errlen)
         close_listeners(e);
         e->workers = NULL;
         e->nworkers = 0;
-        stop_queue_now(e);
         return -1;
     }
     return 0;
@@ -375,9 +381,10 @@ void engine_join(struct engine *e)
     for (int i = 0; i < e->nworkers; i++) pthread_join(e->workers[i].thread, NULL);
     /* A password check still running would post to our loops: wait for
      * it (checks take milliseconds; the loops' inboxes stay valid). */
-    while (atomic_load(&e->offload_jobs) > 0) usleep(1000);
-    if (e->nworkers > 0) offload_stop();
+    /* The queue next: it may still hand signing jobs to the offload thread. */
     queue_join(e->queue);
+    while (atomic_load(&e->offload_jobs) > 0) usleep(1000);
+    if (e->nworkers > 0 || e->queue) offload_stop();
     e->joined = true;
 }
 

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "core/log.h"
+#include "core/offload.h"
 #include "core/timer.h"
 #include "core/worker.h"
 #include "dns/resolver.h"
@@ -254,6 +255,7 @@ struct queue {
 
 static void dest_kick(struct qdest *d);
 static void dest_apply_policy(struct qdest *d);
+static bool msg_dkim_start(struct queue *q, struct qmsg *m);
 static void job_ready(struct qjob *j);
 static void msg_maybe_final(struct queue *q, struct qmsg *m);
 static void maybe_finish_stop(struct queue *q);
@@ -1174,7 +1176,7 @@ static void msg_add(struct queue *q, struct qseg *seg, const char *env, size_t e
     pthread_mutex_lock(&q->stats_lock);
     q->st.messages++;
     pthread_mutex_unlock(&q->stats_lock);
-    msg_schedule(q, m);
+    if (!msg_dkim_start(q, m)) msg_schedule(q, m);
     msg_maybe_final(q, m);
 }
 
@@ -1204,37 +1206,95 @@ static const char *from_domain(const char *msg, size_t len, char *out, size_t ca
     return NULL;
 }
 
-static void msg_dkim(struct queue *q, struct qmsg *m)
+/* The key for m: its From: domain's or a parent's (relaxed alignment, as
+ * DMARC reads it), or NULL. */
+static const struct dkim_domain *dkim_key_for(const struct queue *q, const struct qmsg *m)
 {
-    if (m->dkim_done) return;
-    m->dkim_done = true;
     const struct delivery_cfg *dc = q->dc;
-    if (dc->ndkim == 0) return;
+    if (dc->ndkim == 0) return NULL;
     char dom[256];
     const char *fd = from_domain(m->body, m->body_len, dom, sizeof dom);
-    if (!fd) return;
+    if (!fd) return NULL;
+    size_t fl = strlen(fd);
     for (size_t i = 0; i < dc->ndkim; i++) {
         const struct dkim_domain *k = &dc->dkim[i];
-        size_t dl = strlen(k->domain), fl = strlen(fd);
-        /* The signing domain is the From: domain or a parent of it (relaxed
-         * alignment, as DMARC reads it). */
-        if (!(strcasecmp(fd, k->domain) == 0 ||
-              (fl > dl && fd[fl - dl - 1] == '.' && strcasecmp(fd + fl - dl, k->domain) == 0)))
-            continue;
-        struct dkim_signer s = {.domain = k->domain, .selector = k->selector, .key = k->key,
-                                .headers = (const char *const *)k->headers, .timestamp = 1};
-        char *out = malloc(DKIM_SIGNATURE_MAX);
-        if (!out) return;
-        int n = dkim_sign(&s, m->body, m->body_len, time(NULL), out, DKIM_SIGNATURE_MAX);
-        if (n < 0) {
-            log_warn("queue", "%s: DKIM signing for %s failed; sending unsigned", m->id, k->domain);
-            free(out);
-            return;
-        }
-        m->dkim = out;
-        m->dkim_len = (size_t)n;
+        size_t dl = strlen(k->domain);
+        if (strcasecmp(fd, k->domain) == 0 ||
+            (fl > dl && fd[fl - dl - 1] == '.' && strcasecmp(fd + fl - dl, k->domain) == 0))
+            return k;
+    }
+    return NULL;
+}
+
+/* Signing (an RSA signature costs about a millisecond) runs on the offload
+ * thread, once per message, before its first attempt is scheduled. */
+struct sign_job {
+    struct offload_job job;
+    struct queue *q;
+    struct qmsg *m;
+    const struct dkim_domain *k;
+    char *out;
+    int len;
+};
+
+static void sign_work(struct offload_job *oj)
+{
+    struct sign_job *sj = container_of(oj, struct sign_job, job);
+    const struct dkim_domain *k = sj->k;
+    struct dkim_signer s = {.domain = k->domain, .selector = k->selector, .key = k->key,
+                            .headers = (const char *const *)k->headers, .timestamp = 1};
+    sj->len = dkim_sign(&s, sj->m->body, sj->m->body_len, time(NULL), sj->out, DKIM_SIGNATURE_MAX);
+}
+
+static void sign_done(struct loop *l, struct loop_msg *lm)
+{
+    struct sign_job *sj = container_of(lm, struct sign_job, job.msg);
+    if (l->dead) {
+        /* The queue is gone; the message is read again at the next start. */
+        free(sj->out);
+        free(sj);
         return;
     }
+    struct queue *q = sj->q;
+    struct qmsg *m = sj->m;
+    if (sj->len >= 0) {
+        m->dkim = sj->out;
+        m->dkim_len = (size_t)sj->len;
+    } else {
+        log_warn("queue", "%s: DKIM signing for %s failed; sending unsigned", m->id, sj->k->domain);
+        free(sj->out);
+    }
+    free(sj);
+    m->holds--;
+    if (!m->deleted) msg_schedule(q, m);
+    msg_maybe_final(q, m);
+}
+
+/* True when signing was started: the message is scheduled when it ends. */
+static bool msg_dkim_start(struct queue *q, struct qmsg *m)
+{
+    m->dkim_done = true;
+    const struct dkim_domain *k = dkim_key_for(q, m);
+    if (!k || m->remote_pending == 0) return false;
+    struct sign_job *sj = calloc(1, sizeof *sj);
+    char *out = malloc(DKIM_SIGNATURE_MAX);
+    if (!sj || !out) {
+        log_warn("queue", "%s: out of memory for DKIM signing; sending unsigned", m->id);
+        free(sj);
+        free(out);
+        return false;
+    }
+    sj->q = q;
+    sj->m = m;
+    sj->k = k;
+    sj->out = out;
+    sj->job.msg.fn = sign_done;
+    sj->job.loop = &q->loop;
+    sj->job.work = sign_work;
+    sj->job.outstanding = &q->eng->offload_jobs;
+    m->holds++;
+    offload_submit(&sj->job);
+    return true;
 }
 
 /* ---- connections ---- */
@@ -1581,12 +1641,10 @@ static void dest_kick(struct qdest *d)
 
 static void qc_start_job(struct qconn *qc, struct qjob *j)
 {
-    struct queue *q = qc->q;
     struct qmsg *m = j->m;
     qc->job = j;
     j->state = J_ACTIVE;
     j->attempts++;
-    msg_dkim(q, m);
     free(qc->rcpts);
     free(qc->rparams);
     free(qc->txn.rcpt_out);
