@@ -117,6 +117,9 @@ class Config:
     reject_unknown_local: bool = True     # 550 5.1.1 for unknown users of local domains
     log_level: str = "warning"
     limits: Limits = field(default_factory=Limits)
+    # -- local delivery --
+    local_delivery: bool = True           # mail for local domains goes into the Maildir store
+    mail_dir: str | None = None           # store root (None: data_dir/mailboxes); ROOT/domain/user/
     # -- outbound delivery (times in seconds) --
     delivery_enabled: bool = True         # False: queue only, nothing leaves
     dns: str | None = None                # "HOST:PORT[,HOST:PORT]"; None: /etc/resolv.conf
@@ -324,6 +327,8 @@ class Config:
             relay = {f.name: getattr(self.relay, f.name) for f in fields(Relay)}
         return {
             "enabled": self.delivery_enabled,
+            "mail_dir": (os.path.abspath(self.mail_dir or os.path.join(str(self.data_dir), "mailboxes"))
+                         if self.local_delivery else None),
             "events_to_python": events_to_python,
             "dns": self.dns,
             "remote_port": self.remote_port,

@@ -243,14 +243,21 @@ def test_config_file_alone(tmp_path):
         out = LineReader(proc.stdout)
         out.wait_for("ready", 30)
         assert f"mx listening on 127.0.0.1:{port}" in "".join(out.seen)
-        qid = send(port, "file-only@test")
+        send(port, "file-only@test")
+        # Local delivery is on by default: the message lands in the store.
+        new = data / "mailboxes" / "example.test" / "alice" / "new"
+        deadline = time.monotonic() + 10
+        while not (new.exists() and list(new.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert [m["id"] for m in queue_json(data)] == [qid]
+    files = list(new.iterdir())
+    assert len(files) == 1 and b"file-only@test" in files[0].read_bytes()
+    assert queue_json(data) == []
 
 
 def serve_briefly(tmp_path: Path, *args: str, timeout: float = 15) -> tuple[int | None, str]:

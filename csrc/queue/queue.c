@@ -28,6 +28,7 @@
 #include "queue/spool.h"
 #include "smtp/client.h"
 #include "smtp/dkim.h"
+#include "store/maildir.h"
 #include "tls/tls.h"
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
@@ -132,6 +133,7 @@ struct qdest {
     char *key;                     /* name and pool */
     char *pool;                    /* source pool, or NULL */
     bool relay;
+    bool local;                    /* the store: no SMTP, the offload thread writes */
     struct dest_policy pol;        /* copy; strings borrowed from the config */
     struct qjob *ready;            /* FIFO */
     struct qjob **ready_tail;
@@ -256,6 +258,7 @@ struct queue {
 static void dest_kick(struct qdest *d);
 static void dest_apply_policy(struct qdest *d);
 static bool msg_dkim_start(struct queue *q, struct qmsg *m);
+static void local_start(struct queue *q, struct qjob *j);
 static void job_ready(struct qjob *j);
 static void msg_maybe_final(struct queue *q, struct qmsg *m);
 static void maybe_finish_stop(struct queue *q);
@@ -1087,8 +1090,8 @@ static void msg_schedule(struct queue *q, struct qmsg *m)
     for (unsigned i = 0; i < m->nrcpt; i++) {
         struct qrcpt *r = &m->rcpt[i];
         if (r->state != R_PENDING) continue;
-        if (is_local_domain(q, r->domain)) {
-            /* Local delivery is the store's job (Maildir); it stays queued. */
+        if (is_local_domain(q, r->domain) && !dc->mail_dir) {
+            /* No store configured: local mail stays queued. */
             r->state = R_LOCAL;
             m->remote_pending--;
             continue;
@@ -1100,14 +1103,19 @@ static void msg_schedule(struct queue *q, struct qmsg *m)
     if (!taken) return;
     for (unsigned i = 0; i < m->nrcpt; i++) {
         if (taken[i] || m->rcpt[i].state != R_PENDING) continue;
-        const char *key = dc->relay_host ? "[relay]" : m->rcpt[i].domain;
-        struct qdest *d = dest_get(q, key, m->pool, dc->relay_host != NULL);
+        bool local = is_local_domain(q, m->rcpt[i].domain);
+        const char *key = local ? "[local]" : dc->relay_host ? "[relay]" : m->rcpt[i].domain;
+        struct qdest *d = local ? dest_get(q, key, NULL, false)
+                                : dest_get(q, key, m->pool, dc->relay_host != NULL);
         if (!d) continue;
-        max_r = d->pol.max_recipients ? d->pol.max_recipients : 50;
+        d->local = local;
+        max_r = local ? m->nrcpt : d->pol.max_recipients ? d->pol.max_recipients : 50;
         struct qjob *j = NULL;
         for (unsigned k = i; k < m->nrcpt; k++) {
             if (taken[k] || m->rcpt[k].state != R_PENDING) continue;
-            if (!dc->relay_host && strcmp(m->rcpt[k].domain, m->rcpt[i].domain) != 0) continue;
+            bool klocal = is_local_domain(q, m->rcpt[k].domain);
+            if (klocal != local) continue;
+            if (!local && !dc->relay_host && strcmp(m->rcpt[k].domain, m->rcpt[i].domain) != 0) continue;
             if (!j || j->n >= max_r) {
                 if (j) {
                     m->joblist[m->jobs++] = j;
@@ -1596,6 +1604,11 @@ static void dest_kick(struct qdest *d)
 {
     struct queue *q = d->q;
     if (q->stopping) return;
+    if (d->local) {
+        struct qjob *j;
+        while ((j = ready_pop(d))) local_start(q, j);
+        return;
+    }
     if (q->dc->policy_hook && !d->relay && d->pol_state != 2) {
         /* Ask Python once per destination, with its MX hosts, before the
          * first connection. */
@@ -1709,16 +1722,13 @@ static void qc_ready(struct smtp_client *cl)
     timer_arm(&q->loop.timers, &qc->idle_timer, q->dc->idle_ms ? q->dc->idle_ms : 2000);
 }
 
-static void qc_txn_done(struct smtp_client *cl, struct smtp_txn *t)
+/* A finished attempt of j: outs[k] is recipient j->idx[k]'s outcome.
+ * Delivered and bounced recipients become final (one DSN for the
+ * bounces); the rest wait for the next attempt. */
+static void job_outcomes(struct queue *q, struct qjob *j, const struct smtp_outcome *outs,
+                         const char *mx, const struct conn_addr *ip, uint64_t dur)
 {
-    struct qconn *qc = cl->owner;
-    struct queue *q = qc->q;
-    struct qjob *j = qc->job;
-    qc->job = NULL;
-    if (!j) return;
     struct qmsg *m = j->m;
-    uint64_t dur = timer_now_ms() - qc->txn_start_ms;
-    const char *mx = cl->host;
     if (m->deleted) {
         job_free(j);
         msg_maybe_final(q, m);
@@ -1739,16 +1749,16 @@ static void qc_txn_done(struct smtp_client *cl, struct smtp_txn *t)
     const struct smtp_outcome *temp_o = NULL;
     for (unsigned k = 0; k < j->n; k++) {
         unsigned i = j->idx[k];
-        const struct smtp_outcome *o = &t->rcpt_out[k];
+        const struct smtp_outcome *o = &outs[k];
         if (o->code >= 200 && o->code < 300) {
-            emit_event(q, EV_DELIVERED, m, i, mx, &cl->addr, o, j->attempts, dur);
+            emit_event(q, EV_DELIVERED, m, i, mx, ip, o, j->attempts, dur);
             rcpt_final(q, m, i);
         } else if (!o->temp) {
-            emit_event(q, EV_BOUNCED, m, i, mx, &cl->addr, o, j->attempts, dur);
+            emit_event(q, EV_BOUNCED, m, i, mx, ip, o, j->attempts, dur);
             batch_add(&b, i, o, mx);
             bounced[nbounced++] = i;
         } else {
-            emit_event(q, EV_DEFERRED, m, i, mx, &cl->addr, o, j->attempts, dur);
+            emit_event(q, EV_DEFERRED, m, i, mx, ip, o, j->attempts, dur);
             j->idx[ntemp++] = i;
             temp_o = o;
         }
@@ -1764,6 +1774,96 @@ static void qc_txn_done(struct smtp_client *cl, struct smtp_txn *t)
         job_free(j);
         msg_maybe_final(q, m);
     }
+}
+
+static void qc_txn_done(struct smtp_client *cl, struct smtp_txn *t)
+{
+    struct qconn *qc = cl->owner;
+    struct qjob *j = qc->job;
+    qc->job = NULL;
+    if (!j) return;
+    job_outcomes(qc->q, j, t->rcpt_out, cl->host, &cl->addr, timer_now_ms() - qc->txn_start_ms);
+}
+
+/* ---- local delivery into the Maildir store ---- */
+
+struct local_job {
+    struct offload_job job;
+    struct queue *q;
+    struct qjob *j;
+    uint64_t start_ms;
+    struct smtp_outcome outs[];
+};
+
+static void local_work(struct offload_job *oj)
+{
+    struct local_job *lj = container_of(oj, struct local_job, job);
+    struct qjob *j = lj->j;
+    struct qmsg *m = j->m;
+    const char *root = lj->q->dc->mail_dir;
+    for (unsigned k = 0; k < j->n; k++) {
+        const char *addr = m->rcpt[j->idx[k]].addr;
+        struct smtp_outcome *o = &lj->outs[k];
+        o->stage = STAGE_LOCAL;
+        char dir[4200], name[300], prefix[1200];
+        int rc = maildir_path(root, addr, dir, sizeof dir);
+        if (rc < 0) {
+            o->temp = 0;
+            snprintf(o->enh, sizeof o->enh, "5.1.3");
+            snprintf(o->text, sizeof o->text, "%s cannot name a mailbox", addr);
+            continue;
+        }
+        /* RFC 5321 §4.4: the final delivery records the envelope sender;
+         * Delivered-To: is what local delivery agents add (loop detection). */
+        int pl = snprintf(prefix, sizeof prefix, "Return-Path: <%s>\r\nDelivered-To: %s\r\n",
+                          m->sender, addr);
+        if (pl < 0 || (size_t)pl >= sizeof prefix) pl = 0;
+        rc = maildir_deliver(dir, lj->q->cfg->hostname, prefix, (size_t)pl, m->body, m->body_len,
+                             name, sizeof name);
+        if (rc == 0) {
+            o->code = 250;
+            snprintf(o->enh, sizeof o->enh, "2.0.0");
+            /* The file name, not the whole path: it fits the reply text. */
+            snprintf(o->text, sizeof o->text, "delivered to maildir as %.300s", name);
+        } else {
+            o->temp = 1;
+            snprintf(o->enh, sizeof o->enh, "%s",
+                     rc == -EDQUOT ? "4.2.2" : rc == -ENOSPC ? "4.3.1" : "4.3.0");
+            snprintf(o->text, sizeof o->text, "cannot write to the mailbox of %s: %s", addr,
+                     strerror(-rc));
+        }
+    }
+}
+
+static void local_done(struct loop *l, struct loop_msg *lm)
+{
+    struct local_job *lj = container_of(lm, struct local_job, job.msg);
+    if (l->dead) {
+        free(lj);
+        return;
+    }
+    job_outcomes(lj->q, lj->j, lj->outs, "local", NULL, timer_now_ms() - lj->start_ms);
+    free(lj);
+}
+
+static void local_start(struct queue *q, struct qjob *j)
+{
+    struct local_job *lj = calloc(1, sizeof *lj + j->n * sizeof lj->outs[0]);
+    if (!lj) {
+        j->state = J_WAIT;
+        timer_arm(&q->loop.timers, &j->timer, 1000);
+        return;
+    }
+    j->state = J_ACTIVE;
+    j->attempts++;
+    lj->q = q;
+    lj->j = j;
+    lj->start_ms = timer_now_ms();
+    lj->job.msg.fn = local_done;
+    lj->job.loop = &q->loop;
+    lj->job.work = local_work;
+    lj->job.outstanding = &q->eng->offload_jobs;
+    offload_submit(&lj->job);
 }
 
 static void qc_failed(struct smtp_client *cl, const struct smtp_outcome *why)
@@ -2591,6 +2691,7 @@ void delivery_cfg_free(struct delivery_cfg *dc)
 {
     if (!dc) return;
     free(dc->dns_servers);
+    free(dc->mail_dir);
     free(dc->relay_host);
     free(dc->relay_user);
     free(dc->relay_pass);

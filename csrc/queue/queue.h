@@ -48,6 +48,7 @@ struct dkim_domain {
 
 struct delivery_cfg {
     bool enabled;                 /* false: queue only (nothing leaves) */
+    char *mail_dir;               /* Maildir store root for local domains, or NULL */
     char *dns_servers;            /* NULL: /etc/resolv.conf */
     int remote_port;              /* port of MX hosts (25) */
     char *relay_host;             /* smarthost, or NULL */

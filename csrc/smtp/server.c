@@ -500,6 +500,22 @@ static void after_rcpt(struct smtp_session *s, struct hook_req *r)
     session_reply(s, "250 2.1.5 Ok");
 }
 
+
+/* A local recipient names a user, also as user+tag@domain (plus-addressing:
+ * the tag is for the user's own filing; delivery drops it). */
+static bool local_user_known(const struct me_config *cfg, const char *addr, size_t at, size_t alen)
+{
+    if (users_find(cfg->users, addr, alen)) return true;
+    const char *plus = memchr(addr, '+', at);
+    if (!plus || plus == addr) return false;
+    char buf[600];
+    size_t ll = (size_t)(plus - addr), dl = alen - at;
+    if (ll + dl >= sizeof buf) return false;
+    memcpy(buf, addr, ll);
+    memcpy(buf + ll, addr + at, dl);
+    return users_find(cfg->users, buf, ll + dl) != NULL;
+}
+
 static void cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
 {
     struct me_config *cfg = cfg_of(s);
@@ -553,7 +569,7 @@ static void cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
     size_t dlen = alen - (size_t)at - 1;
     if (config_is_local_domain(cfg, domain, dlen)) {
         if (cfg->reject_unknown_local && users_count(cfg->users) > 0 &&
-            !users_find(cfg->users, addr, alen) &&
+            !local_user_known(cfg, addr, (size_t)at, alen) &&
             !(at == 10 && strncasecmp(addr, "postmaster", 10) == 0)) {
             session_reply(s, "550 5.1.1 <%.*s>: Recipient address rejected: User unknown",
                           (int)(alen > 256 ? 256 : alen), addr);

@@ -1,0 +1,132 @@
+/* Maildir delivery (see maildir.h): tmp -> fsync -> rename into new ->
+ * fsync of new/, the order the Maildir convention relies on. */
+#include "store/maildir.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+int maildir_path(const char *root, const char *address, char *buf, size_t cap)
+{
+    const char *at = strrchr(address, '@');
+    if (!at || at == address || !at[1]) return -EINVAL;
+    char local[256], domain[256];
+    size_t ll = 0, dl = 0;
+    for (const char *p = address; p < at; p++) {
+        if (*p == '+') break;            /* plus-addressing: user+tag is user */
+        if (ll + 1 >= sizeof local) return -EINVAL;
+        char ch = *p;
+        local[ll++] = (char)(ch >= 'A' && ch <= 'Z' ? ch + 32 : ch);
+    }
+    for (const char *p = at + 1; *p; p++) {
+        if (dl + 1 >= sizeof domain) return -EINVAL;
+        char ch = *p;
+        domain[dl++] = (char)(ch >= 'A' && ch <= 'Z' ? ch + 32 : ch);
+    }
+    local[ll] = 0;
+    domain[dl] = 0;
+    if (ll == 0 || dl == 0 || local[0] == '.' || domain[0] == '.') return -EINVAL;
+    for (size_t i = 0; i < ll; i++)
+        if ((unsigned char)local[i] < 0x21 || local[i] == '/' || local[i] == 0x7f) return -EINVAL;
+    for (size_t i = 0; i < dl; i++)
+        if ((unsigned char)domain[i] < 0x21 || domain[i] == '/' || domain[i] == 0x7f) return -EINVAL;
+    int n = snprintf(buf, cap, "%s/%s/%s", root, domain, local);
+    return n < 0 || (size_t)n >= cap ? -EINVAL : 0;
+}
+
+static int mkdirs(const char *path)
+{
+    char tmp[4096];
+    int n = snprintf(tmp, sizeof tmp, "%s", path);
+    if (n < 0 || (size_t)n >= sizeof tmp) return -ENAMETOOLONG;
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        if (mkdir(tmp, 0700) < 0 && errno != EEXIST) return -errno;
+        *p = '/';
+    }
+    if (mkdir(tmp, 0700) < 0 && errno != EEXIST) return -errno;
+    return 0;
+}
+
+static int fsync_path(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    int rc = fsync(fd) < 0 ? -errno : 0;
+    close(fd);
+    return rc;
+}
+
+int maildir_deliver(const char *dir, const char *host, const char *prefix, size_t plen,
+                    const char *msg, size_t len, char *name, size_t namecap)
+{
+    static atomic_uint counter;
+    char sub[4200], tmp[4400], fin[4400];
+    static const char *const subs[] = {"tmp", "new", "cur"};
+    for (int i = 0; i < 3; i++) {
+        snprintf(sub, sizeof sub, "%s/%s", dir, subs[i]);
+        struct stat st;
+        if (stat(sub, &st) == 0) continue;
+        int rc = mkdirs(sub);
+        if (rc < 0) return rc;
+    }
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    size_t size = plen + len;
+    char base[256];
+    /* Unique per host: time, microseconds, pid and a counter (the
+     * convention's "M", "P" and "Q" parts). */
+    snprintf(base, sizeof base, "%lld.M%ldP%dQ%u.%s", (long long)tv.tv_sec, (long)tv.tv_usec,
+             (int)getpid(), atomic_fetch_add(&counter, 1) + 1, host && *host ? host : "localhost");
+    for (char *p = base; *p; p++)
+        if (*p == '/' || *p == ':') *p = '_';
+    snprintf(tmp, sizeof tmp, "%s/tmp/%s", dir, base);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) return -errno;
+    struct iovec iov[2] = {{(void *)prefix, prefix ? plen : 0}, {(void *)msg, len}};
+    size_t done = 0;
+    int rc = 0;
+    while (done < size) {
+        struct iovec v[2];
+        int nv = 0;
+        size_t skip = done;
+        for (int i = 0; i < 2; i++) {
+            if (skip >= iov[i].iov_len) {
+                skip -= iov[i].iov_len;
+                continue;
+            }
+            v[nv].iov_base = (char *)iov[i].iov_base + skip;
+            v[nv].iov_len = iov[i].iov_len - skip;
+            nv++;
+            skip = 0;
+        }
+        ssize_t w = writev(fd, v, nv);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            rc = -errno;
+            break;
+        }
+        done += (size_t)w;
+    }
+    if (rc == 0 && fsync(fd) < 0) rc = -errno;
+    if (close(fd) < 0 && rc == 0) rc = -errno;
+    if (rc == 0) {
+        snprintf(fin, sizeof fin, "%s/new/%s,S=%zu", dir, base, size);
+        if (rename(tmp, fin) < 0) rc = -errno;
+    }
+    if (rc < 0) {
+        unlink(tmp);
+        return rc;
+    }
+    snprintf(sub, sizeof sub, "%s/new", dir);
+    rc = fsync_path(sub);
+    if (rc == 0 && name) snprintf(name, namecap, "%s,S=%zu", base, size);
+    return rc;
+}
