@@ -180,6 +180,37 @@ def _send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deliver(args: argparse.Namespace) -> int:
+    """A local delivery agent: the message on stdin into RECIPIENT's Maildir.
+    Exit codes as sendmail(8)'s sysexits, so an MTA calling us knows what
+    to do: 0 delivered, 64 bad address, 75 temporary failure."""
+    import socket as _socket
+
+    from . import _core
+    from .delivery import message_bytes
+
+    root = os.path.abspath(args.mail_dir or os.path.join(args.data, "mailboxes"))
+    try:
+        mdir = _core.maildir_path(root, args.recipient)
+    except ValueError as e:
+        print(f"mailengine: deliver: {e}", file=sys.stderr)
+        return 64
+    data = sys.stdin.buffer.read()
+    if not data:
+        print("mailengine: deliver: no message on standard input", file=sys.stderr)
+        return 64
+    host = args.hostname or _socket.gethostname()
+    prefix = (f"Return-Path: <{args.sender}>\r\n" if args.sender is not None else "")
+    prefix += f"Delivered-To: {args.recipient}\r\n"
+    try:
+        name = _core.maildir_deliver(mdir, host, prefix.encode(), message_bytes(data, host))
+    except OSError as e:
+        print(f"mailengine: deliver: {e}", file=sys.stderr)
+        return 75
+    print(f"delivered to {mdir}/new/{name}")
+    return 0
+
+
 def _hash_password(args: argparse.Namespace) -> int:
     from . import _core
 
@@ -237,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--tag", action="append", help="tag carried into delivery events (repeatable)")
     sd.add_argument("--hostname", help="name for a generated Message-ID")
     sd.set_defaults(func=_send)
+    dl = sub.add_parser("deliver", help="local delivery agent: standard input into a user's Maildir")
+    dl.add_argument("recipient", help="the address whose Maildir receives the message")
+    dl.add_argument("--from", dest="sender", help="envelope sender, for Return-Path:")
+    dl.add_argument("--data", default="./mail-data", help="data directory (store under DATA/mailboxes)")
+    dl.add_argument("--mail-dir", help="store root (default DATA/mailboxes)")
+    dl.add_argument("--hostname", help="host name in the file name")
+    dl.set_defaults(func=_deliver)
     q = sub.add_parser("queue", help="list, show, hold, release, retry or delete queued messages")
     qs = q.add_subparsers(dest="action", required=True)
     for name, helptext in (("list", "list queued messages"), ("show", "print one message"),

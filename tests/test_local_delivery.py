@@ -96,3 +96,28 @@ def test_local_delivery_off_keeps_mail_queued(tmp_path, ports):
         assert not (tmp_path / "data" / "mailboxes").exists()
     finally:
         eng.stop()
+
+
+def test_deliver_command_is_a_local_delivery_agent(tmp_path):
+    """`mailengine deliver ADDRESS < message`: what another MTA runs as its
+    mailbox command (exit 0, 64 for a bad address)."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    msg = b"Subject: lda\nFrom: x@y.test\n\nline one\n.line two\n"
+    run = subprocess.run([sys.executable, "-m", "mailengine", "deliver", "--data", str(data),
+                          "--from", "x@y.test", "Bob+lists@Example.test"],
+                         input=msg, capture_output=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    new = data / "mailboxes" / "example.test" / "bob" / "new"
+    files = list(new.iterdir())
+    assert len(files) == 1
+    got = files[0].read_bytes()
+    assert got.startswith(b"Return-Path: <x@y.test>\r\nDelivered-To: Bob+lists@Example.test\r\n")
+    assert b"\r\nline one\r\n.line two\r\n" in got          # CRLF, no dot-stuffing on disk
+    md = mailbox.Maildir(str(new.parent), create=False)
+    assert [m["Subject"] for m in md] == ["lda"]
+    bad = subprocess.run([sys.executable, "-m", "mailengine", "deliver", "--data", str(data),
+                          "../etc@example.test"], input=msg, capture_output=True, timeout=30)
+    assert bad.returncode == 64 and b"cannot name a mailbox" in bad.stderr

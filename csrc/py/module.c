@@ -11,6 +11,7 @@
 #include "py/module.h"
 #include "queue/queue.h"
 #include "queue/spool.h"
+#include "store/maildir.h"
 #include "store/users.h"
 #include "tls/tls.h"
 
@@ -132,6 +133,39 @@ static PyObject *py_queue_mark(PyObject *mod, PyObject *args)
     return queue_mark_common(dir, id, (char)letter);
 }
 
+/* ---- the Maildir store ---- */
+
+static PyObject *py_maildir_path(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    const char *root, *addr;
+    if (!PyArg_ParseTuple(args, "ss", &root, &addr)) return NULL;
+    char buf[4200];
+    if (maildir_path(root, addr, buf, sizeof buf) < 0) {
+        PyErr_Format(PyExc_ValueError, "%s cannot name a mailbox", addr);
+        return NULL;
+    }
+    return PyUnicode_FromString(buf);
+}
+
+static PyObject *py_maildir_deliver(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    const char *dir, *host, *prefix, *msg;
+    Py_ssize_t plen, mlen;
+    if (!PyArg_ParseTuple(args, "ssy#y#", &dir, &host, &prefix, &plen, &msg, &mlen)) return NULL;
+    char name[300];
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = maildir_deliver(dir, host, prefix, (size_t)plen, msg, (size_t)mlen, name, sizeof name);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        errno = -rc;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, dir);
+    }
+    return PyUnicode_FromString(name);
+}
+
 /* ---- passwords and certificates ---- */
 
 static PyObject *py_hash_password(PyObject *mod, PyObject *args)
@@ -202,6 +236,10 @@ static PyMethodDef module_methods[] = {
      "queue_delete(data_dir, id) -> True if deleted, False if no such message"},
     {"queue_mark", py_queue_mark, METH_VARARGS,
      "queue_mark(data_dir, id, 'H'|'U') -> True if marked (hold/release for the next start)"},
+    {"maildir_path", py_maildir_path, METH_VARARGS,
+     "maildir_path(root, address) -> the address's Maildir directory"},
+    {"maildir_deliver", py_maildir_deliver, METH_VARARGS,
+     "maildir_deliver(dir, host, prefix, message) -> file name in new/ (tmp, fsync, rename, fsync)"},
     {"hash_password", py_hash_password, METH_VARARGS, "hash_password(password, rounds=0) -> str"},
     {"verify_password", py_verify_password, METH_VARARGS, "verify_password(stored, password) -> bool"},
     {"hash_is_known", py_hash_is_known, METH_VARARGS, "hash_is_known(stored) -> bool"},
