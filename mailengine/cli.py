@@ -21,14 +21,16 @@ def _serve(args: argparse.Namespace) -> int:
     demo_password = None
     if args.config:
         cfg = Config.from_toml(args.config)
-    elif not (args.smtp or args.submission or args.smtps or args.domain or args.user):
+    elif not (args.smtp or args.submission or args.smtps or args.pop3 or args.pop3s or args.domain
+              or args.user):
         cfg, demo_password = Config.embedded_default(args.data or "./mail-data")
     else:
         cfg = Config()
     if args.data:
         cfg.data_dir = args.data
     listeners = []
-    for kind, values in (("mx", args.smtp), ("submission", args.submission), ("smtps", args.smtps)):
+    for kind, values in (("mx", args.smtp), ("submission", args.submission), ("smtps", args.smtps),
+                         ("pop3", args.pop3), ("pop3s", args.pop3s)):
         for v in values or []:
             host, port = parse_hostport(v, f"--{'smtp' if kind == 'mx' else kind}")
             listeners.append(Listener(kind, host, port))
@@ -232,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="submission listener: AUTH required, STARTTLS")
     s.add_argument("--smtps", action="append", metavar="HOST:PORT",
                    help="implicit-TLS submission listener")
+    s.add_argument("--pop3", action="append", metavar="HOST:PORT",
+                   help="POP3 listener with STLS (repeatable)")
+    s.add_argument("--pop3s", action="append", metavar="HOST:PORT",
+                   help="implicit-TLS POP3 listener (repeatable)")
     s.add_argument("--domain", action="append", metavar="NAME", help="local domain (repeatable)")
     s.add_argument("--user", action="append", metavar="ADDR:PASSWORD", help="user (repeatable)")
     s.add_argument("--trusted-network", action="append", metavar="CIDR",

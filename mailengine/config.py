@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-LISTENER_KINDS = ("mx", "submission", "smtps")
+LISTENER_KINDS = ("mx", "submission", "smtps", "pop3", "pop3s")
 LOG_LEVELS = {"error": 0, "warning": 1, "info": 2, "debug": 3}
 LOOPBACK = ["127.0.0.0/8", "::1/128"]
 
@@ -24,7 +24,8 @@ LOOPBACK = ["127.0.0.0/8", "::1/128"]
 @dataclass
 class Listener:
     """One listening socket: ``mx`` (port 25 role, no AUTH), ``submission``
-    (AUTH required, STARTTLS) or ``smtps`` (implicit TLS submission)."""
+    (AUTH required, STARTTLS), ``smtps`` (implicit TLS submission), ``pop3``
+    (POP3 with STLS) or ``pop3s`` (implicit-TLS POP3)."""
 
     kind: str = "mx"
     host: str = "127.0.0.1"
@@ -143,7 +144,7 @@ class Config:
     @classmethod
     def embedded_default(cls, data_dir: str = "./mail-data") -> tuple["Config", str]:
         """The configuration ``make serve`` starts: localhost ports 2525 (MX),
-        2587 (submission) and 2465 (SMTPS), domains localhost and
+        2587 (submission), 2465 (SMTPS), 2110 (POP3) and 2995 (POP3S), domains localhost and
         example.test, and a demo user whose password is returned."""
         password = secrets.token_urlsafe(12)
         cfg = cls(
@@ -153,6 +154,8 @@ class Config:
                 Listener("mx", "127.0.0.1", 2525),
                 Listener("submission", "127.0.0.1", 2587),
                 Listener("smtps", "127.0.0.1", 2465),
+                Listener("pop3", "127.0.0.1", 2110),
+                Listener("pop3s", "127.0.0.1", 2995),
             ],
             domains=["localhost", "example.test"],
         )

@@ -444,8 +444,8 @@ def ports_free(*ports: int) -> bool:
 
 
 def test_embedded_default(tmp_path):
-    if not ports_free(2525, 2587, 2465):
-        pytest.skip("127.0.0.1:2525/2587/2465 are busy")
+    if not ports_free(2525, 2587, 2465, 2110, 2995):
+        pytest.skip("127.0.0.1:2525/2587/2465/2110/2995 are busy")
     data = tmp_path / "default-data"
     proc = subprocess.Popen([sys.executable, "-m", "mailengine", "serve", "--data", str(data),
                              "--no-delivery"],

@@ -637,7 +637,7 @@ def test_stop_timeout_cuts_stalled_data(engine_factory, ports):
 
 def test_config_errors_name_the_key(engine_factory, ports, tmp_path):
     cases = [
-        ({"listeners": [Listener("pop3", HOST, ports.mx)]}, "listeners[0].kind"),
+        ({"listeners": [Listener("imap", HOST, ports.mx)]}, "listeners[0].kind"),
         ({"listeners": [Listener("mx", HOST, 0)]}, "listeners[0].port"),
         ({"listeners": [Listener("mx", HOST, 70000)]}, "listeners[0].port"),
         ({"listeners": [Listener("mx", HOST, ports.mx), Listener("submission", HOST, ports.mx)]},

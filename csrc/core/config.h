@@ -10,7 +10,8 @@
 
 #include "core/conn.h"
 
-enum listener_kind { LISTENER_MX = 0, LISTENER_SUBMISSION, LISTENER_SMTPS };
+enum listener_kind { LISTENER_MX = 0, LISTENER_SUBMISSION, LISTENER_SMTPS, LISTENER_POP3,
+                     LISTENER_POP3S };
 
 struct listener_cfg {
     char *name;

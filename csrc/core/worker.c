@@ -98,6 +98,8 @@ static void on_accept(struct loop_op *op, struct io_uring_cqe *cqe)
     if (!(cqe->flags & IORING_CQE_F_MORE)) ls->armed = false;
     if (res >= 0) {
         if (ls->w->draining) close(res);
+        else if (ls->cfg->kind == LISTENER_POP3 || ls->cfg->kind == LISTENER_POP3S)
+            pop3_session_start(ls->w, ls->cfg, res);
         else smtp_session_start(ls->w, ls->cfg, res);
     } else if (res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM) {
         /* Out of descriptors or memory: pause accepting for a moment
@@ -140,7 +142,7 @@ static void drain_tick(struct timer *t)
     struct drain_timer *dt = (struct drain_timer *)t;
     struct worker *w = dt->w;
     bool late = timer_now_ms() >= w->eng->stop_deadline_ms;
-    smtp_sessions_drain(w, late);
+    sessions_drain(w, late);
     worker_check_drained(w);
     timer_arm(&w->loop.timers, t, 50);
 }
@@ -208,7 +210,7 @@ static void *worker_main(void *arg)
     loop_run(&w->loop);
     /* Anything still open is closed without ceremony: the process is
      * stopping and the spool holds every acknowledged message. */
-    smtp_sessions_drain(w, true);
+    sessions_drain(w, true);
     for (int spin = 0; spin < 200 && (w->nsessions > 0 || spool_inflight(w->spool) > 0 ||
                                       worker_accepting(w)); spin++) {
         atomic_store(&w->loop.stop, false);
@@ -251,6 +253,16 @@ static void close_listeners(struct engine *e)
         w->listeners = NULL;
     }
     free(e->workers);
+}
+
+void sessions_drain(struct worker *w, bool force)
+{
+    struct session_link *l = w->sessions.next;
+    while (l != &w->sessions) {
+        struct session_link *next = l->next;
+        l->drain(l, force);
+        l = next;
+    }
 }
 
 static void stop_queue_now(struct engine *e)

@@ -28,6 +28,8 @@ struct listener {
 /* Sessions a worker owns, so stop() can reach every one. */
 struct session_link {
     struct session_link *prev, *next;
+    /* Stopping: close the session now (force), or when it is idle. */
+    void (*drain)(struct session_link *l, bool force);
 };
 
 struct worker {
@@ -83,7 +85,8 @@ unsigned engine_ip_slot(const struct conn_addr *a);
 
 /* Protocol entry points used by the accept loop. */
 void smtp_session_start(struct worker *w, struct listener_cfg *lc, int fd);
-/* Worker is stopping: close idle sessions now, in-transaction ones later. */
-void smtp_sessions_drain(struct worker *w, bool force);
+void pop3_session_start(struct worker *w, struct listener_cfg *lc, int fd);
+/* Worker is stopping: close idle sessions now, busy ones later (force: all). */
+void sessions_drain(struct worker *w, bool force);
 
 #endif

@@ -254,6 +254,8 @@ static int config_from_dict(struct me_config *cfg, PyObject *d)
             if (strcmp(kind, "mx") == 0) lc->kind = LISTENER_MX;
             else if (strcmp(kind, "submission") == 0) lc->kind = LISTENER_SUBMISSION;
             else if (strcmp(kind, "smtps") == 0) lc->kind = LISTENER_SMTPS;
+            else if (strcmp(kind, "pop3") == 0) lc->kind = LISTENER_POP3;
+            else if (strcmp(kind, "pop3s") == 0) lc->kind = LISTENER_POP3S;
             else {
                 PyErr_Format(PyExc_ValueError, "listeners[%zd].kind: unknown kind %s", i, kind);
                 free(kind);

@@ -156,6 +156,7 @@ static bool hook_wanted(struct smtp_session *s, enum hook_kind k)
 }
 
 static void session_free(struct smtp_session *s);
+static void smtp_drain_one(struct session_link *l, bool force);
 static void session_input_resume(struct smtp_session *s);
 
 static void hook_done(struct hook_req *r)
@@ -1500,6 +1501,7 @@ void smtp_session_start(struct worker *w, struct listener_cfg *lc, int fd)
     s->serial = ++serial;
     bool implicit = lc->kind == LISTENER_SMTPS;
     conn_init(&s->conn, &w->loop, fd, &smtp_proto, implicit ? cfg->tls : NULL);
+    s->link.drain = smtp_drain_one;
     s->link.next = w->sessions.next;
     s->link.prev = &w->sessions;
     w->sessions.next->prev = &s->link;
@@ -1536,15 +1538,9 @@ void smtp_session_start(struct worker *w, struct listener_cfg *lc, int fd)
     send_greeting(s);
 }
 
-void smtp_sessions_drain(struct worker *w, bool force)
+static void smtp_drain_one(struct session_link *l, bool force)
 {
-    struct session_link *l = w->sessions.next;
-    while (l != &w->sessions) {
-        struct session_link *next = l->next;
-        struct smtp_session *s = container_of(l, struct smtp_session, link);
-        bool busy = s->state == ST_DATA || s->state == ST_BDAT || s->pending;
-        if (!conn_closing(&s->conn) && (force || !busy))
-            session_close_421(s, "4.3.2", "Service shutting down");
-        l = next;
-    }
+    struct smtp_session *s = container_of(l, struct smtp_session, link);
+    bool busy = s->state == ST_DATA || s->state == ST_BDAT || s->pending;
+    if (!conn_closing(&s->conn) && (force || !busy)) session_close_421(s, "4.3.2", "Service shutting down");
 }

@@ -1,0 +1,861 @@
+/* The POP3 server (RFC 1939, CAPA RFC 2449, STLS RFC 2595, AUTH PLAIN
+ * RFC 5034) over the Maildir store. The session runs on its worker's loop;
+ * everything that touches files or hashes a password runs on the offload
+ * thread while the session is suspended. Deletions happen only in the
+ * UPDATE state (QUIT); one session per mailbox at a time. */
+#include <dirent.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <openssl/evp.h>
+
+#include "core/conn.h"
+#include "core/log.h"
+#include "core/offload.h"
+#include "core/timer.h"
+#include "core/worker.h"
+#include "pop3/parse.h"
+#include "queue/queue.h"
+#include "store/maildir.h"
+#include "store/users.h"
+
+#define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+
+#define POP3_IDLE_MS (10 * 60 * 1000)     /* RFC 1939 §3: at least ten minutes */
+#define POP3_MAX_ERRORS 20
+#define POP3_MAX_AUTH_FAILURES 3
+#define POP3_MAX_MESSAGE (64u << 20)     /* bigger files are skipped by the scan */
+
+enum { P_AUTH = 0, P_TRANS, P_WAIT, P_DONE };
+
+struct pop3_msg {
+    char *name;                   /* "new/<file>" or "cur/<file>" */
+    size_t size;
+    bool deleted;
+};
+
+struct pop3_session {
+    struct conn conn;             /* first: the conn callbacks cast back */
+    struct session_link link;
+    struct worker *w;
+    struct listener_cfg *lc;
+    int state;
+    bool pending, closed, counted;
+    bool auth_plain_wait;         /* "AUTH PLAIN" sent alone: the response comes next */
+    unsigned errors, auth_failures;
+    char *user;
+    char *dir;                    /* the mailbox (Maildir) */
+    bool locked;
+    struct pop3_msg *msgs;
+    unsigned nmsgs;
+};
+
+/* ---- one session per mailbox (RFC 1939 §8 leaves it to the server; we
+ * lock like most servers do, answering [IN-USE], RFC 2449 §8.1.2) ---- */
+
+static pthread_mutex_t lock_mu = PTHREAD_MUTEX_INITIALIZER;
+static char **locked_dirs;
+static size_t nlocked, caplocked;
+
+static bool mailbox_lock(const char *dir)
+{
+    bool ok = true;
+    pthread_mutex_lock(&lock_mu);
+    for (size_t i = 0; i < nlocked; i++)
+        if (strcmp(locked_dirs[i], dir) == 0) ok = false;
+    if (ok && nlocked == caplocked) {
+        size_t cap = caplocked ? caplocked * 2 : 16;
+        char **p = realloc(locked_dirs, cap * sizeof *p);
+        if (p) {
+            locked_dirs = p;
+            caplocked = cap;
+        } else {
+            ok = false;
+        }
+    }
+    if (ok) {
+        locked_dirs[nlocked] = strdup(dir);
+        if (locked_dirs[nlocked]) nlocked++;
+        else ok = false;
+    }
+    pthread_mutex_unlock(&lock_mu);
+    return ok;
+}
+
+static void mailbox_unlock(const char *dir)
+{
+    pthread_mutex_lock(&lock_mu);
+    for (size_t i = 0; i < nlocked; i++)
+        if (strcmp(locked_dirs[i], dir) == 0) {
+            free(locked_dirs[i]);
+            locked_dirs[i] = locked_dirs[--nlocked];
+            break;
+        }
+    pthread_mutex_unlock(&lock_mu);
+}
+
+/* ---- replies ---- */
+
+static void reply(struct pop3_session *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void reply(struct pop3_session *s, const char *fmt, ...)
+{
+    char buf[600];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    if ((size_t)n > sizeof buf - 3) n = (int)sizeof buf - 3;
+    buf[n++] = '\r';
+    buf[n++] = '\n';
+    conn_write(&s->conn, buf, (size_t)n);
+}
+
+static void count_error(struct pop3_session *s)
+{
+    if (++s->errors >= POP3_MAX_ERRORS) {
+        reply(s, "-ERR too many errors, closing");
+        conn_close(&s->conn);
+    }
+}
+
+static const struct me_config *cfg_of(const struct pop3_session *s) { return s->w->eng->cfg; }
+
+static bool secure_enough(const struct pop3_session *s)
+{
+    return conn_is_tls(&s->conn) || cfg_of(s)->allow_plain_auth;
+}
+
+static void session_free(struct pop3_session *s)
+{
+    if (s->locked) mailbox_unlock(s->dir);
+    for (unsigned i = 0; i < s->nmsgs; i++) free(s->msgs[i].name);
+    free(s->msgs);
+    free(s->user);
+    free(s->dir);
+    free(s);
+}
+
+/* ---- offload jobs ---- */
+
+enum { JOB_AUTH = 0, JOB_SCAN, JOB_READ, JOB_UPDATE };
+
+struct pop3_job {
+    struct offload_job job;
+    struct pop3_session *s;
+    int kind;
+    /* auth */
+    const char *hash;
+    char *password;
+    int ok;
+    /* scan */
+    struct pop3_msg *msgs;
+    unsigned nmsgs;
+    int err;
+    /* read */
+    char *path;
+    long top_lines;               /* -1: whole message */
+    char *data;
+    size_t len;
+    size_t octets;
+};
+
+static int msg_cmp(const void *a, const void *b)
+{
+    const struct pop3_msg *x = a, *y = b;
+    /* Maildir names start with the delivery time: name order (past the
+     * "new/"/"cur/" prefix) is arrival order. */
+    return strcmp(x->name + 4, y->name + 4);
+}
+
+static void scan_dir(struct pop3_job *j, const char *dir, const char *sub, size_t *cap)
+{
+    char path[4400];
+    snprintf(path, sizeof path, "%s/%s", dir, sub);
+    DIR *d = opendir(path);
+    if (!d) return;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.') continue;
+        char fp[4700];
+        snprintf(fp, sizeof fp, "%s/%s", path, de->d_name);
+        struct stat st;
+        if (stat(fp, &st) < 0 || !S_ISREG(st.st_mode) || (size_t)st.st_size > POP3_MAX_MESSAGE) continue;
+        if (j->nmsgs == *cap) {
+            size_t nc = *cap ? *cap * 2 : 64;
+            struct pop3_msg *p = realloc(j->msgs, nc * sizeof *p);
+            if (!p) break;
+            j->msgs = p;
+            *cap = nc;
+        }
+        char name[300];
+        snprintf(name, sizeof name, "%s/%s", sub, de->d_name);
+        struct pop3_msg *m = &j->msgs[j->nmsgs];
+        m->name = strdup(name);
+        if (!m->name) break;
+        m->size = (size_t)st.st_size;
+        m->deleted = false;
+        j->nmsgs++;
+    }
+    closedir(d);
+}
+
+/* The unique id of a message (RFC 1939 §7 UIDL): its Maildir base name,
+ * without the directory and the ":2,flags" info, so it stays the same
+ * when another client moves the file from new/ to cur/. */
+static size_t msg_uid(const struct pop3_msg *m, char *out, size_t cap)
+{
+    const char *b = m->name + 4;
+    size_t n = strcspn(b, ":");
+    if (n > 70) n = 70;               /* RFC 1939: 1 to 70 characters */
+    if (n >= cap) n = cap - 1;
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)b[i];
+        /* 0x21..0x7E only */
+        out[k++] = ch >= 0x21 && ch <= 0x7e ? (char)ch : '_';
+    }
+    out[k] = 0;
+    return k;
+}
+
+/* Read a message as it goes on the wire: CRLF lines, dot-stuffed, the
+ * final "." line; top_lines >= 0 keeps the header and that many lines
+ * of the body (RFC 1939 §7 TOP). */
+static void read_msg(struct pop3_job *j)
+{
+    FILE *f = fopen(j->path, "rb");
+    if (!f) {
+        j->err = -errno;
+        return;
+    }
+    struct bytebuf out = {0};
+    char line[8192];
+    bool in_body = false;
+    long body_lines = 0;
+    bool bol = true;
+    while (fgets(line, sizeof line, f)) {
+        size_t n = strlen(line);
+        bool eol = n > 0 && line[n - 1] == '\n';
+        if (eol) {
+            n--;
+            if (n > 0 && line[n - 1] == '\r') n--;
+        }
+        if (bol && j->top_lines >= 0 && in_body && body_lines >= j->top_lines) break;
+        if (bol && line[0] == '.') bytebuf_append(&out, ".", 1);   /* RFC 1939 §3 byte-stuffing */
+        bytebuf_append(&out, line, n);
+        if (eol) {
+            bytebuf_append(&out, "\r\n", 2);
+            if (bol && n == 0 && !in_body) in_body = true;
+            else if (in_body) body_lines++;
+        }
+        bol = eol;
+    }
+    fclose(f);
+    if (!bol) bytebuf_append(&out, "\r\n", 2);
+    bytebuf_append(&out, ".\r\n", 3);
+    j->data = out.data;
+    j->len = out.len;
+}
+
+static void job_work(struct offload_job *oj)
+{
+    struct pop3_job *j = container_of(oj, struct pop3_job, job);
+    switch (j->kind) {
+    case JOB_AUTH:
+        j->ok = users_verify_password(j->hash, j->password) == 1;
+        break;
+    case JOB_SCAN: {
+        size_t cap = 0;
+        scan_dir(j, j->path, "new", &cap);
+        scan_dir(j, j->path, "cur", &cap);
+        if (j->nmsgs) qsort(j->msgs, j->nmsgs, sizeof *j->msgs, msg_cmp);
+        break;
+    }
+    case JOB_READ:
+        read_msg(j);
+        break;
+    case JOB_UPDATE: {
+        struct pop3_session *s = j->s;
+        for (unsigned i = 0; i < s->nmsgs; i++) {
+            if (!s->msgs[i].deleted) continue;
+            char fp[4800];
+            snprintf(fp, sizeof fp, "%s/%s", s->dir, s->msgs[i].name);
+            /* Another client may have moved it to cur/ meanwhile. */
+            if (unlink(fp) < 0 && errno == ENOENT && strncmp(s->msgs[i].name, "new/", 4) == 0) {
+                DIR *d;
+                char cur[4300];
+                snprintf(cur, sizeof cur, "%s/cur", s->dir);
+                size_t bl = strlen(s->msgs[i].name + 4);
+                if ((d = opendir(cur))) {
+                    struct dirent *de;
+                    while ((de = readdir(d)))
+                        if (strncmp(de->d_name, s->msgs[i].name + 4, bl) == 0 &&
+                            (de->d_name[bl] == ':' || de->d_name[bl] == 0)) {
+                            snprintf(fp, sizeof fp, "%s/%s", cur, de->d_name);
+                            if (unlink(fp) < 0) j->err = -errno;
+                            break;
+                        }
+                    closedir(d);
+                }
+            } else if (errno && access(fp, F_OK) == 0) {
+                j->err = -errno;
+            }
+        }
+        break;
+    }
+    default:
+        break;
+    }
+}
+
+static void job_done(struct loop *l, struct loop_msg *lm);
+
+static struct pop3_job *job_new(struct pop3_session *s, int kind)
+{
+    struct pop3_job *j = calloc(1, sizeof *j);
+    if (!j) return NULL;
+    j->s = s;
+    j->kind = kind;
+    j->top_lines = -1;
+    j->job.loop = &s->w->loop;
+    j->job.work = job_work;
+    j->job.msg.fn = job_done;
+    j->job.outstanding = &s->w->eng->offload_jobs;
+    return j;
+}
+
+static void job_submit(struct pop3_session *s, struct pop3_job *j)
+{
+    s->pending = true;
+    s->state = P_WAIT;
+    conn_suspend(&s->conn);
+    offload_submit(&j->job);
+}
+
+static void job_free(struct pop3_job *j)
+{
+    if (j->password) {
+        explicit_bzero(j->password, strlen(j->password));
+        free(j->password);
+    }
+    for (unsigned i = 0; i < j->nmsgs; i++) free(j->msgs[i].name);
+    free(j->msgs);
+    free(j->path);
+    free(j->data);
+    free(j);
+}
+
+static void auth_result(struct pop3_session *s, bool ok);
+static void scan_result(struct pop3_session *s, struct pop3_job *j);
+
+static void job_done(struct loop *l, struct loop_msg *lm)
+{
+    struct pop3_job *j = container_of(lm, struct pop3_job, job.msg);
+    struct pop3_session *s = j->s;
+    s->pending = false;
+    if (s->closed || l->dead || conn_closing(&s->conn)) {
+        /* A QUIT's deletions were done; anything else is moot now. */
+        bool closed = s->closed;
+        job_free(j);
+        if (closed) session_free(s);
+        return;
+    }
+    switch (j->kind) {
+    case JOB_AUTH:
+        s->state = P_AUTH;
+        auth_result(s, j->ok);
+        break;
+    case JOB_SCAN:
+        scan_result(s, j);
+        break;
+    case JOB_READ:
+        s->state = P_TRANS;
+        if (j->err || !j->data) {
+            reply(s, "-ERR message is gone (deleted by another client?)");
+        } else {
+            reply(s, "+OK message follows");
+            conn_write(&s->conn, j->data, j->len);
+        }
+        break;
+    case JOB_UPDATE:
+        s->state = P_DONE;
+        if (j->err) reply(s, "-ERR some deleted messages not removed");
+        else reply(s, "+OK mailengine POP3 server signing off");
+        conn_close(&s->conn);
+        break;
+    }
+    job_free(j);
+    /* A step may have started the next job (login -> scan): stay suspended. */
+    if (!conn_closing(&s->conn) && !s->pending) conn_resume(&s->conn);
+}
+
+/* ---- authorization ---- */
+
+static void start_auth(struct pop3_session *s, const char *user, size_t ulen, const char *pass,
+                       size_t plen)
+{
+    const struct me_config *cfg = cfg_of(s);
+    free(s->user);
+    s->user = strndup(user, ulen);
+    const char *hash = users_find(cfg->users, user, ulen);
+    struct pop3_job *j = job_new(s, JOB_AUTH);
+    if (!s->user || !j || !(j->password = strndup(pass, plen))) {
+        if (j) job_free(j);
+        reply(s, "-ERR [SYS/TEMP] out of memory");
+        return;
+    }
+    /* An unknown user costs the same time as a wrong password: verify
+     * against a fixed hash so the answer does not tell them apart. */
+    static const char dummy[] = "{PLAIN}\x01not-a-password";
+    j->hash = hash ? hash : dummy;
+    job_submit(s, j);
+}
+
+static void auth_result(struct pop3_session *s, bool ok)
+{
+    if (!ok) {
+        s->auth_failures++;
+        /* RFC 3206 [AUTH]: the credentials, not the system, are at fault. */
+        reply(s, "-ERR [AUTH] authentication failed");
+        if (s->auth_failures >= POP3_MAX_AUTH_FAILURES) conn_close(&s->conn);
+        return;
+    }
+    const struct me_config *cfg = cfg_of(s);
+    const char *root = cfg->delivery && cfg->delivery->mail_dir ? cfg->delivery->mail_dir : NULL;
+    char rootbuf[4200], dir[4400];
+    if (!root) {
+        snprintf(rootbuf, sizeof rootbuf, "%s/mailboxes", cfg->data_dir);
+        root = rootbuf;
+    }
+    if (maildir_path(root, s->user, dir, sizeof dir) < 0) {
+        reply(s, "-ERR [SYS/PERM] this user has no mailbox");
+        return;
+    }
+    if (!mailbox_lock(dir)) {
+        reply(s, "-ERR [IN-USE] mailbox in use by another session");
+        return;
+    }
+    s->dir = strdup(dir);
+    s->locked = s->dir != NULL;
+    if (!s->dir) {
+        mailbox_unlock(dir);
+        reply(s, "-ERR [SYS/TEMP] out of memory");
+        return;
+    }
+    struct pop3_job *j = job_new(s, JOB_SCAN);
+    if (!j || !(j->path = strdup(dir))) {
+        if (j) job_free(j);
+        reply(s, "-ERR [SYS/TEMP] out of memory");
+        return;
+    }
+    job_submit(s, j);
+}
+
+static void scan_result(struct pop3_session *s, struct pop3_job *j)
+{
+    s->msgs = j->msgs;
+    s->nmsgs = j->nmsgs;
+    j->msgs = NULL;
+    j->nmsgs = 0;
+    s->state = P_TRANS;
+    size_t total = 0;
+    for (unsigned i = 0; i < s->nmsgs; i++) total += s->msgs[i].size;
+    reply(s, "+OK %s has %u messages (%zu octets)", s->user, s->nmsgs, total);
+}
+
+static void b64_plain(struct pop3_session *s, const char *b64, size_t len)
+{
+    unsigned char buf[1024];
+    if (len == 0 || len > 1300) {
+        reply(s, "-ERR [AUTH] bad response");
+        count_error(s);
+        return;
+    }
+    char tmp[1400];
+    memcpy(tmp, b64, len);
+    tmp[len] = 0;
+    int n = EVP_DecodeBlock(buf, (const unsigned char *)tmp, (int)len);
+    if (n < 0 || len % 4) {
+        reply(s, "-ERR [AUTH] cannot decode response");
+        count_error(s);
+        return;
+    }
+    if (len >= 1 && tmp[len - 1] == '=') n--;
+    if (len >= 2 && tmp[len - 2] == '=') n--;
+    /* RFC 4616: [authzid] NUL authcid NUL passwd */
+    const unsigned char *z1 = memchr(buf, 0, (size_t)n);
+    const unsigned char *z2 = z1 ? memchr(z1 + 1, 0, (size_t)(buf + n - (z1 + 1))) : NULL;
+    if (!z1 || !z2) {
+        reply(s, "-ERR [AUTH] malformed PLAIN response");
+        count_error(s);
+        return;
+    }
+    const char *user = (const char *)z1 + 1;
+    size_t ulen = (size_t)(z2 - z1 - 1);
+    if (z1 != buf && ((size_t)(z1 - buf) != ulen || memcmp(buf, user, ulen) != 0)) {
+        reply(s, "-ERR [AUTH] authorization identity not allowed");
+        return;
+    }
+    start_auth(s, user, ulen, (const char *)z2 + 1, (size_t)(buf + n - (z2 + 1)));
+    explicit_bzero(buf, sizeof buf);
+}
+
+/* ---- commands ---- */
+
+static void capa(struct pop3_session *s)
+{
+    const struct me_config *cfg = cfg_of(s);
+    reply(s, "+OK capability list follows");
+    reply(s, "TOP");
+    reply(s, "UIDL");
+    reply(s, "RESP-CODES");
+    reply(s, "AUTH-RESP-CODE");
+    reply(s, "PIPELINING");
+    if (s->state == P_AUTH) {
+        if (secure_enough(s)) {
+            reply(s, "USER");
+            reply(s, "SASL PLAIN");
+        }
+        if (cfg->tls && !s->conn.tls) reply(s, "STLS");
+    }
+    reply(s, "IMPLEMENTATION mailengine");
+    reply(s, ".");
+}
+
+static struct pop3_msg *msg_arg(struct pop3_session *s, const struct pop3_command *c, unsigned i)
+{
+    unsigned long n = pop3_number(c->arg[i], c->arg_len[i]);
+    if (n < 1 || n > s->nmsgs || s->msgs[n - 1].deleted) {
+        reply(s, "-ERR no such message");
+        return NULL;
+    }
+    return &s->msgs[n - 1];
+}
+
+static void cmd_auth_state(struct pop3_session *s, const struct pop3_command *c)
+{
+    const struct me_config *cfg = cfg_of(s);
+    switch (c->cmd) {
+    case POP3_CAPA:
+        capa(s);
+        return;
+    case POP3_QUIT:
+        reply(s, "+OK bye");
+        conn_close(&s->conn);
+        return;
+    case POP3_NOOP:
+        reply(s, "-ERR not logged in");   /* NOOP is a TRANSACTION command (RFC 1939 §5) */
+        return;
+    case POP3_STLS:
+        if (!cfg->tls || s->conn.tls) {
+            reply(s, "-ERR STLS not available");
+            return;
+        }
+        reply(s, "+OK begin TLS negotiation");
+        /* RFC 2595 §4: what was pipelined after STLS is discarded. */
+        conn_start_tls(&s->conn, cfg->tls);
+        free(s->user);
+        s->user = NULL;
+        return;
+    case POP3_USER:
+        if (!secure_enough(s)) {
+            reply(s, "-ERR [AUTH] plain-text login needs TLS first (STLS)");
+            return;
+        }
+        free(s->user);
+        s->user = strndup(c->arg[0], c->arg_len[0]);
+        reply(s, "+OK send PASS");
+        return;
+    case POP3_PASS:
+        if (!s->user) {
+            reply(s, "-ERR USER first");
+            count_error(s);
+            return;
+        }
+        if (!secure_enough(s)) {
+            reply(s, "-ERR [AUTH] plain-text login needs TLS first (STLS)");
+            return;
+        }
+        {
+            char *u = s->user;
+            s->user = NULL;
+            start_auth(s, u, strlen(u), c->rest, c->rest_len);
+            free(u);
+        }
+        return;
+    case POP3_AUTH: {
+        if (c->nargs < 1 || c->arg_len[0] != 5 || strncasecmp(c->arg[0], "PLAIN", 5) != 0) {
+            reply(s, "-ERR unsupported authentication mechanism");
+            return;
+        }
+        if (!secure_enough(s)) {
+            reply(s, "-ERR [AUTH] plain-text login needs TLS first (STLS)");
+            return;
+        }
+        if (c->nargs == 2) {
+            b64_plain(s, c->arg[1], c->arg_len[1]);
+        } else {
+            s->auth_plain_wait = true;
+            reply(s, "+ ");
+        }
+        return;
+    }
+    case POP3_APOP:
+        reply(s, "-ERR APOP not supported");
+        return;
+    default:
+        reply(s, "-ERR not allowed before login");
+        count_error(s);
+        return;
+    }
+}
+
+static void cmd_trans_state(struct pop3_session *s, const struct pop3_command *c)
+{
+    switch (c->cmd) {
+    case POP3_CAPA:
+        capa(s);
+        return;
+    case POP3_NOOP:
+        reply(s, "+OK");
+        return;
+    case POP3_STAT: {
+        unsigned n = 0;
+        size_t total = 0;
+        for (unsigned i = 0; i < s->nmsgs; i++)
+            if (!s->msgs[i].deleted) {
+                n++;
+                total += s->msgs[i].size;
+            }
+        reply(s, "+OK %u %zu", n, total);
+        return;
+    }
+    case POP3_LIST:
+    case POP3_UIDL: {
+        bool uidl = c->cmd == POP3_UIDL;
+        char uid[80];
+        if (c->nargs == 1) {
+            struct pop3_msg *m = msg_arg(s, c, 0);
+            if (!m) return;
+            unsigned i = (unsigned)(m - s->msgs) + 1;
+            if (uidl) {
+                msg_uid(m, uid, sizeof uid);
+                reply(s, "+OK %u %s", i, uid);
+            } else {
+                reply(s, "+OK %u %zu", i, m->size);
+            }
+            return;
+        }
+        reply(s, "+OK listing follows");
+        for (unsigned i = 0; i < s->nmsgs; i++) {
+            if (s->msgs[i].deleted) continue;
+            if (uidl) {
+                msg_uid(&s->msgs[i], uid, sizeof uid);
+                reply(s, "%u %s", i + 1, uid);
+            } else {
+                reply(s, "%u %zu", i + 1, s->msgs[i].size);
+            }
+        }
+        reply(s, ".");
+        return;
+    }
+    case POP3_RETR:
+    case POP3_TOP: {
+        struct pop3_msg *m = msg_arg(s, c, 0);
+        if (!m) return;
+        struct pop3_job *j = job_new(s, JOB_READ);
+        char fp[4800];
+        snprintf(fp, sizeof fp, "%s/%s", s->dir, m->name);
+        if (!j || !(j->path = strdup(fp))) {
+            if (j) job_free(j);
+            reply(s, "-ERR [SYS/TEMP] out of memory");
+            return;
+        }
+        if (c->cmd == POP3_TOP) j->top_lines = (long)pop3_number(c->arg[1], c->arg_len[1]);
+        job_submit(s, j);
+        return;
+    }
+    case POP3_DELE: {
+        struct pop3_msg *m = msg_arg(s, c, 0);
+        if (!m) return;
+        m->deleted = true;
+        reply(s, "+OK message %u deleted", (unsigned)(m - s->msgs) + 1);
+        return;
+    }
+    case POP3_RSET:
+        for (unsigned i = 0; i < s->nmsgs; i++) s->msgs[i].deleted = false;
+        reply(s, "+OK");
+        return;
+    case POP3_QUIT: {
+        bool any = false;
+        for (unsigned i = 0; i < s->nmsgs; i++) any |= s->msgs[i].deleted;
+        if (!any) {
+            reply(s, "+OK mailengine POP3 server signing off");
+            conn_close(&s->conn);
+            return;
+        }
+        /* RFC 1939 §6: the UPDATE state removes what was marked. */
+        struct pop3_job *j = job_new(s, JOB_UPDATE);
+        if (!j) {
+            reply(s, "-ERR [SYS/TEMP] out of memory");
+            conn_close(&s->conn);
+            return;
+        }
+        job_submit(s, j);
+        return;
+    }
+    default:
+        reply(s, "-ERR not allowed after login");
+        count_error(s);
+        return;
+    }
+}
+
+static void on_line(struct pop3_session *s, const char *line, size_t len)
+{
+    if (s->auth_plain_wait) {
+        s->auth_plain_wait = false;
+        if (len == 1 && line[0] == '*') {
+            reply(s, "-ERR authentication cancelled");   /* RFC 5034 §4 */
+            return;
+        }
+        b64_plain(s, line, len);
+        return;
+    }
+    struct pop3_command c;
+    enum pop3_parse_status st = pop3_parse(line, len, &c);
+    if (st != POP3_OK) {
+        reply(s, "-ERR %s", st == POP3_ERR_UNKNOWN ? "unknown command"
+                            : st == POP3_ERR_TOO_LONG ? "line too long"
+                            : st == POP3_ERR_EMPTY ? "empty command" : "syntax error");
+        count_error(s);
+        return;
+    }
+    if (s->state == P_AUTH) cmd_auth_state(s, &c);
+    else cmd_trans_state(s, &c);
+}
+
+static size_t pop3_on_data(struct conn *cn, const char *p, size_t n)
+{
+    struct pop3_session *s = (struct pop3_session *)cn;
+    size_t used = 0;
+    while (used < n && !conn_closing(cn) && s->state != P_WAIT && !s->pending) {
+        size_t ll;
+        size_t k = pop3_line_end(p + used, n - used, &ll);
+        if (k == 0) {
+            if (n - used > POP3_LINE_MAX + 1024) {
+                /* Past any command (RFC 2449 §4): drop the connection. */
+                reply(s, "-ERR line too long");
+                conn_close(cn);
+                return n;
+            }
+            break;
+        }
+        bool had_tls = cn->tls != NULL;
+        on_line(s, p + used, ll);
+        used += k;
+        if (cn->tls && !had_tls) return n;   /* STLS began: the rest is void */
+    }
+    conn_set_timeout(cn, POP3_IDLE_MS);
+    return used;
+}
+
+static void pop3_on_tls(struct conn *cn, int ok)
+{
+    struct pop3_session *s = (struct pop3_session *)cn;
+    if (!ok) return;
+    if (s->lc->kind == LISTENER_POP3S) reply(s, "+OK mailengine POP3 ready");
+}
+
+static void pop3_on_timeout(struct conn *cn)
+{
+    struct pop3_session *s = (struct pop3_session *)cn;
+    if (s->pending) {
+        conn_set_timeout(cn, POP3_IDLE_MS);
+        return;
+    }
+    /* RFC 1939 §3: an autologout timer; no UPDATE state is entered. */
+    reply(s, "-ERR autologout: idle for too long");
+    conn_close(cn);
+}
+
+static void session_unlink(struct pop3_session *s)
+{
+    s->link.prev->next = s->link.next;
+    s->link.next->prev = s->link.prev;
+    s->link.next = s->link.prev = &s->link;
+}
+
+static void pop3_on_close(struct conn *c)
+{
+    struct pop3_session *s = (struct pop3_session *)c;
+    struct engine *e = s->w->eng;
+    timer_cancel(&c->loop->timers, &c->timer);
+    session_unlink(s);
+    s->w->nsessions--;
+    atomic_fetch_sub(&e->conns_total, 1);
+    if (s->counted) atomic_fetch_sub(&e->conns_per_ip[engine_ip_slot(&c->peer)], 1);
+    s->closed = true;
+    if (!s->pending) session_free(s);
+}
+
+static const struct conn_proto pop3_proto = {
+    .on_data = pop3_on_data,
+    .on_tls = pop3_on_tls,
+    .on_timeout = pop3_on_timeout,
+    .on_close = pop3_on_close,
+};
+
+static void pop3_drain_one(struct session_link *l, bool force)
+{
+    struct pop3_session *s = container_of(l, struct pop3_session, link);
+    if (conn_closing(&s->conn) || (s->pending && !force)) return;
+    /* RFC 2449 §8.1.2 [SYS/TEMP]: try again later; nothing is deleted. */
+    reply(s, "-ERR [SYS/TEMP] server shutting down");
+    conn_close(&s->conn);
+}
+
+void pop3_session_start(struct worker *w, struct listener_cfg *lc, int fd)
+{
+    struct engine *e = w->eng;
+    struct me_config *cfg = e->cfg;
+    struct pop3_session *s = calloc(1, sizeof *s);
+    if (!s) {
+        close(fd);
+        return;
+    }
+    s->w = w;
+    s->lc = lc;
+    bool implicit = lc->kind == LISTENER_POP3S;
+    conn_init(&s->conn, &w->loop, fd, &pop3_proto, implicit ? cfg->tls : NULL);
+    s->link.drain = pop3_drain_one;
+    s->link.next = w->sessions.next;
+    s->link.prev = &w->sessions;
+    w->sessions.next->prev = &s->link;
+    w->sessions.next = &s->link;
+    w->nsessions++;
+    conn_set_timeout(&s->conn, POP3_IDLE_MS);
+    unsigned total = atomic_fetch_add(&e->conns_total, 1) + 1;
+    if (w->draining || (cfg->limits.max_connections && total > cfg->limits.max_connections)) {
+        reply(s, "-ERR [SYS/TEMP] too busy, try later");
+        conn_close(&s->conn);
+        return;
+    }
+    if (!config_is_trusted(cfg, &s->conn.peer)) {
+        unsigned per = atomic_fetch_add(&e->conns_per_ip[engine_ip_slot(&s->conn.peer)], 1) + 1u;
+        s->counted = true;
+        if (cfg->limits.max_connections_per_ip && per > cfg->limits.max_connections_per_ip) {
+            reply(s, "-ERR [SYS/TEMP] too many connections from your address");
+            conn_close(&s->conn);
+            return;
+        }
+    }
+    if (!implicit) reply(s, "+OK mailengine POP3 ready");
+}
