@@ -213,6 +213,41 @@ def _deliver(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user(args: argparse.Namespace) -> int:
+    from . import _core
+    from . import users
+
+    if args.action == "list":
+        for u in users.load(args.data):
+            print(u.address)
+        return 0
+    if args.action == "del":
+        if not users.delete(args.data, args.address):
+            print(f"mailengine: user {args.address} does not exist", file=sys.stderr)
+            return 1
+        print(f"deleted {args.address} (a running engine sees it at its next start)")
+        return 0
+    if "@" not in args.address:
+        print(f"mailengine: {args.address!r} is not an address", file=sys.stderr)
+        return 2
+    if args.password_stdin or not sys.stdin.isatty():
+        pw = sys.stdin.readline().rstrip("\n")
+    else:
+        pw = getpass.getpass(f"password for {args.address}: ")
+    if not pw:
+        print("mailengine: empty password", file=sys.stderr)
+        return 2
+    ok = users.set_password(args.data, args.address, _core.hash_password(pw),
+                            create=args.action == "add")
+    if not ok:
+        what = "already exists" if args.action == "add" else "does not exist"
+        print(f"mailengine: user {args.address} {what}", file=sys.stderr)
+        return 1
+    print(f"{'added' if args.action == 'add' else 'changed password of'} {args.address} "
+          "(a running engine sees it at its next start)")
+    return 0
+
+
 def _hash_password(args: argparse.Namespace) -> int:
     from . import _core
 
@@ -297,6 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
         elif name in ("hold", "release", "retry"):
             a.add_argument("id", nargs="*", help="queue ids (none: every message)")
         a.set_defaults(func=_queue)
+    u = sub.add_parser("user", help="add, delete, list users or change a password (DATA/users)")
+    us = u.add_subparsers(dest="action", required=True)
+    for name, helptext in (("add", "add a user (password from stdin or prompted)"),
+                           ("del", "delete a user"), ("list", "list users"),
+                           ("passwd", "change a user's password")):
+        a = us.add_parser(name, help=helptext)
+        a.add_argument("--data", default="./mail-data", help="data directory")
+        if name != "list":
+            a.add_argument("address")
+        if name in ("add", "passwd"):
+            a.add_argument("--password-stdin", action="store_true",
+                           help="read the password from standard input")
+        a.set_defaults(func=_user)
     h = sub.add_parser("hash-password", help="print a password hash for the users list")
     h.add_argument("password", nargs="?", help="(read from stdin or prompted when absent)")
     h.set_defaults(func=_hash_password)

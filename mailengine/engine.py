@@ -235,6 +235,13 @@ class Engine:
         return mask
 
     def _make_core(self) -> Any:
+        from . import users as user_file
+
+        # Users kept with `mailengine user` (DATA/users) join the configured
+        # ones; a configured user wins over the file.
+        known = {u.address.lower() for u in self.config.users}
+        self.config.users = self.config.users + [
+            u for u in user_file.load(str(self.config.data_dir)) if u.address not in known]
         self.config.validate()
         try:
             wants = bool(self._delivery_callbacks) or self._want_deliveries
