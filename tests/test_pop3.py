@@ -187,3 +187,34 @@ def test_curl_lists_and_fetches(server):
                          capture_output=True, timeout=30, env=env)
     assert out.returncode == 0, out.stderr
     assert b"Subject: curl two" in out.stdout
+
+
+def test_limits_auth_failures_errors_and_long_lines(server):
+    t, f = raw(server)
+    # Three wrong passwords: -ERR [AUTH] each, then the connection closes.
+    for _ in range(3):
+        t.sendall(b"USER " + USER.encode() + b"\r\nPASS wrong\r\n")
+        assert f.readline().startswith(b"+OK")
+        assert f.readline().startswith(b"-ERR [AUTH]")
+    assert f.readline() == b""
+    t.close()
+    t, f = raw(server)
+    # A command over 255 octets (RFC 2449 §4) gets -ERR and the session goes on.
+    t.sendall(b"NOOP " + b"x" * 300 + b"\r\nCAPA\r\n")
+    assert f.readline().startswith(b"-ERR line too long")
+    assert f.readline().startswith(b"+OK")
+    while f.readline() != b".\r\n":
+        pass
+    # Twenty errors close the session: the long line was the first, so the
+    # nineteenth BOGUS is the last one answered.
+    t.sendall(b"BOGUS\r\n" * 20)
+    lines = [f.readline() for _ in range(21)]
+    assert all(x.startswith(b"-ERR") for x in lines[:20]) and b"too many errors" in lines[19]
+    assert lines[20] == b""
+    t.close()
+    t, f = raw(server)
+    # A line that never ends: past the bound the connection is dropped.
+    t.sendall(b"X" * 4000)
+    assert f.readline().startswith(b"-ERR line too long")
+    assert f.readline() == b""
+    t.close()

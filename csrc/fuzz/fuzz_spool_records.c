@@ -1,4 +1,4 @@
-/* sources: csrc/queue/spool.c csrc/core/log.c csrc/core/loop.c csrc/core/buf.c csrc/core/timer.c */
+/* sources: csrc/queue/spool.c csrc/core/fsutil.c csrc/core/log.c csrc/core/loop.c csrc/core/buf.c csrc/core/timer.c */
 /* libs: -luring */
 /* The spool record reader on arbitrary bytes: a segment file may hold any
  * torn or damaged tail after a crash, and start-up must read it safely.

@@ -18,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/fsutil.h"
 #include "core/log.h"
 #include "core/offload.h"
 #include "core/timer.h"
@@ -164,6 +165,7 @@ struct qconn {
     struct smtp_txn txn;
     const char **rcpts;
     const char **rparams;
+    unsigned rcap;                 /* entries of rcpts, rparams and txn.rcpt_out */
     unsigned msgs;
     struct mx_result *mx;
     struct mx_lookup *lookup;
@@ -538,53 +540,54 @@ static void emit_event(struct queue *q, int type, struct qmsg *m, unsigned ri, c
                        const struct conn_addr *ip, const struct smtp_outcome *o, unsigned attempt,
                        uint64_t duration_ms)
 {
-    struct bytebuf b = {0};
+    /* The line is built where it waits for events.jsonl; Python gets a
+     * copy of it. */
+    struct bytebuf *b = &q->ev_pend;
+    size_t start = bytebuf_used(b);   /* relative: an append may compact the buffer */
     char num[64];
     uint64_t now = wall_ms();
     snprintf(num, sizeof num, "{\"time\": %llu.%03u, \"type\": ", (unsigned long long)(now / 1000),
              (unsigned)(now % 1000));
-    bytebuf_append(&b, num, strlen(num));
-    json_str(&b, ev_names[type]);
-    bytebuf_append(&b, ", \"queue_id\": ", 14);
-    json_str(&b, m->id);
-    bytebuf_append(&b, ", \"recipient\": ", 15);
-    json_str(&b, m->rcpt[ri].addr);
-    bytebuf_append(&b, ", \"sender\": ", 12);
-    json_str(&b, m->sender);
-    bytebuf_append(&b, ", \"mx\": ", 8);
-    if (mx && *mx) json_str(&b, mx);
-    else bytebuf_append(&b, "null", 4);
-    bytebuf_append(&b, ", \"ip\": ", 8);
+    bytebuf_append(b, num, strlen(num));
+    json_str(b, ev_names[type]);
+    bytebuf_append(b, ", \"queue_id\": ", 14);
+    json_str(b, m->id);
+    bytebuf_append(b, ", \"recipient\": ", 15);
+    json_str(b, m->rcpt[ri].addr);
+    bytebuf_append(b, ", \"sender\": ", 12);
+    json_str(b, m->sender);
+    bytebuf_append(b, ", \"mx\": ", 8);
+    if (mx && *mx) json_str(b, mx);
+    else bytebuf_append(b, "null", 4);
+    bytebuf_append(b, ", \"ip\": ", 8);
     if (ip && ip->family) {
         char a[64];
-        json_str(&b, conn_addr_str(ip, a, sizeof a));
+        json_str(b, conn_addr_str(ip, a, sizeof a));
     } else {
-        bytebuf_append(&b, "null", 4);
+        bytebuf_append(b, "null", 4);
     }
     snprintf(num, sizeof num, ", \"code\": %u, \"enhanced\": ", o ? o->code : 0);
-    bytebuf_append(&b, num, strlen(num));
-    if (o && o->enh[0]) json_str(&b, o->enh);
-    else bytebuf_append(&b, "null", 4);
-    bytebuf_append(&b, ", \"text\": ", 10);
-    json_str(&b, o ? o->text : "");
+    bytebuf_append(b, num, strlen(num));
+    if (o && o->enh[0]) json_str(b, o->enh);
+    else bytebuf_append(b, "null", 4);
+    bytebuf_append(b, ", \"text\": ", 10);
+    json_str(b, o ? o->text : "");
     snprintf(num, sizeof num, ", \"attempt\": %u, \"duration\": %.3f, \"tags\": ", attempt,
              (double)duration_ms / 1000.0);
-    bytebuf_append(&b, num, strlen(num));
-    if (m->tags_json) bytebuf_append(&b, m->tags_json, strlen(m->tags_json));
-    else bytebuf_append(&b, "[]", 2);
-    bytebuf_append(&b, "}\n", 2);
-    if (bytebuf_used(&b) == 0) return;   /* out of memory */
-    bytebuf_append(&q->ev_pend, bytebuf_head(&b), bytebuf_used(&b));
+    bytebuf_append(b, num, strlen(num));
+    if (m->tags_json) bytebuf_append(b, m->tags_json, strlen(m->tags_json));
+    else bytebuf_append(b, "[]", 2);
+    bytebuf_append(b, "}\n", 2);
+    if (bytebuf_used(b) == start) return;   /* out of memory */
     loop_defer(&q->loop, &q->log_task);
     if (q->dc->events_to_python && q->eng->bridge) {
         const char *args[HARG_COUNT] = {0};
         size_t lens[HARG_COUNT] = {0};
-        args[HARG_1] = bytebuf_head(&b);
-        lens[HARG_1] = bytebuf_used(&b) - 1;
+        args[HARG_1] = bytebuf_head(b) + start;
+        lens[HARG_1] = bytebuf_used(b) - start - 1;
         struct hook_req *r = hook_req_new(EVENT_DELIVERY, args, lens);
         if (r) bridge_submit(q->eng->bridge, r);
     }
-    bytebuf_free(&b);
     pthread_mutex_lock(&q->stats_lock);
     switch (type) {
     case EV_DELIVERED: q->st.delivered++; break;
@@ -1658,15 +1661,21 @@ static void qc_start_job(struct qconn *qc, struct qjob *j)
     qc->job = j;
     j->state = J_ACTIVE;
     j->attempts++;
-    free(qc->rcpts);
-    free(qc->rparams);
-    free(qc->txn.rcpt_out);
-    qc->rcpts = calloc(j->n, sizeof *qc->rcpts);
-    qc->rparams = calloc(j->n, sizeof *qc->rparams);
-    struct smtp_outcome *outs = calloc(j->n, sizeof *outs);
+    /* The per-recipient arrays are kept for the connection's next message:
+     * no allocation per message once they are big enough. */
+    struct smtp_outcome *outs = qc->txn.rcpt_out;
+    if (j->n > qc->rcap) {
+        free(qc->rcpts);
+        free(qc->rparams);
+        free(outs);
+        qc->rcpts = calloc(j->n, sizeof *qc->rcpts);
+        qc->rparams = calloc(j->n, sizeof *qc->rparams);
+        outs = calloc(j->n, sizeof *outs);
+        qc->rcap = qc->rcpts && qc->rparams && outs ? j->n : 0;
+    }
     memset(&qc->txn, 0, sizeof qc->txn);
     qc->txn.rcpt_out = outs;
-    if (!qc->rcpts || !qc->rparams || !outs) {
+    if (!qc->rcap) {
         /* Give it back and let the connection go. */
         j->attempts--;
         job_ready(j);
@@ -2269,22 +2278,28 @@ static int recover_record(const struct spool_entry *e, void *arg)
     return 0;
 }
 
-static int recover_segment(struct queue *q, const char *wname, const char *sname)
+/* One segment of the spool at start-up: its live records become queued
+ * messages (the state log says which recipients are already final). */
+static int recover_segment(const char *dat, const char *logpath, void *arg)
 {
+    struct queue *q = arg;
     int worker;
     unsigned num;
-    if (sscanf(wname, "w%d", &worker) != 1 || sscanf(sname, "%8x.dat", &num) != 1) return 0;
+    const char *seg = strrchr(dat, '/');
+    const char *wdir = seg ? seg - 1 : NULL;
+    while (wdir && wdir > dat && *wdir != '/') wdir--;
+    if (!seg || !wdir || sscanf(wdir, "/w%d/", &worker) != 1 || sscanf(seg, "/%8x.dat", &num) != 1)
+        return 0;
     struct qseg *s = seg_open(q, worker, num);
-    if (!s) return -1;
+    /* A segment that cannot be read is left for the next start (logged). */
+    if (!s) return 0;
     struct stat st;
-    if (fstat(s->dat_fd, &st) < 0) return -1;
+    if (fstat(s->dat_fd, &st) < 0) return 0;
     struct recover_ctx *rc = calloc(1, sizeof *rc);
-    if (!rc) return -1;
+    if (!rc) return 0;
     rc->q = q;
     rc->seg = s;
-    char p[4300];
-    snprintf(p, sizeof p, "%s.log", s->path);
-    ls_load(rc, p);
+    ls_load(rc, logpath);
     size_t len = (size_t)st.st_size < s->map_len ? (size_t)st.st_size : s->map_len;
     spool_records_walk(s->map, len, recover_record, rc);
     s->total = rc->total;
@@ -2301,30 +2316,6 @@ static int recover_segment(struct queue *q, const char *wname, const char *sname
     free(rc);
     seg_maybe_delete(s);
     return 0;
-}
-
-static void recover_all(struct queue *q)
-{
-    char spooldir[4200];
-    snprintf(spooldir, sizeof spooldir, "%s/spool", q->cfg->data_dir);
-    struct dirent **ws = NULL;
-    int nw = scandir(spooldir, &ws, NULL, alphasort);
-    for (int i = 0; i < nw; i++) {
-        if (ws[i]->d_name[0] == 'w') {
-            char wdir[4500];
-            snprintf(wdir, sizeof wdir, "%s/%s", spooldir, ws[i]->d_name);
-            struct dirent **ss = NULL;
-            int ns = scandir(wdir, &ss, NULL, alphasort);
-            for (int k = 0; k < ns; k++) {
-                size_t l = strlen(ss[k]->d_name);
-                if (l == 12 && strcmp(ss[k]->d_name + 8, ".dat") == 0) recover_segment(q, ws[i]->d_name, ss[k]->d_name);
-                free(ss[k]);
-            }
-            free(ss);
-        }
-        free(ws[i]);
-    }
-    free(ws);
 }
 
 /* ---- control ---- */
@@ -2521,7 +2512,7 @@ static void *queue_thread(void *arg)
         q->dns = dns_resolver_new(&q->loop, q->dc->dns_servers, err, sizeof err);
     }
     if (!err[0]) {
-        recover_all(q);
+        spool_for_each_segment(q->cfg->data_dir, recover_segment, q);
         q->spool = spool_open(&q->loop, q->cfg->data_dir, QUEUE_SPOOL_INDEX, err, sizeof err);
         if (q->spool) spool_set_hooks(q->spool, spool_committed_hook, spool_sealed_hook, q);
     }
@@ -2574,14 +2565,7 @@ struct queue *queue_start(struct engine *e, char *err, size_t errlen)
     char p[4200];
     /* The data directory may not exist yet (the spool makes its own
      * subdirectories later). */
-    snprintf(p, sizeof p, "%s", q->cfg->data_dir);
-    for (char *c = p + 1; *c; c++) {
-        if (*c != '/') continue;
-        *c = 0;
-        mkdir(p, 0700);
-        *c = '/';
-    }
-    mkdir(p, 0700);
+    fs_mkdir_p(q->cfg->data_dir);
     snprintf(p, sizeof p, "%s/events.jsonl", q->cfg->data_dir);
     q->events_fd = open(p, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
     if (q->events_fd < 0) {

@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/fsutil.h"
 #include "core/log.h"
 
 #define SPOOL_MAGIC 0x3151454dU         /* "MEQ1" little endian */
@@ -102,29 +103,6 @@ static uint64_t now_ms(void)
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
-static int fsync_dir(const char *dir)
-{
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return -errno;
-    int rc = fsync(fd) < 0 ? -errno : 0;
-    close(fd);
-    return rc;
-}
-
-static int mkdir_p(const char *path)
-{
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s", path);
-    for (char *p = tmp + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = 0;
-        if (mkdir(tmp, 0700) < 0 && errno != EEXIST) return -errno;
-        *p = '/';
-    }
-    if (mkdir(tmp, 0700) < 0 && errno != EEXIST) return -errno;
-    return 0;
-}
-
 /* Highest segment number in dir, or 0. */
 static uint32_t max_segment(const char *dir)
 {
@@ -149,7 +127,7 @@ static int segment_open_next(struct spool *s)
     if (fd < 0) return -errno;
     /* The new name must itself survive a crash before records in it are
      * acknowledged. */
-    int rc = fsync_dir(s->dir);
+    int rc = fs_fsync_dir(s->dir);
     if (rc < 0) {
         close(fd);
         unlink(path);
@@ -198,7 +176,7 @@ static int id_epoch_next(struct spool *s)
     if (write(fd, buf, (size_t)n) != n || fdatasync(fd) < 0) rc = errno ? -errno : -EIO;
     close(fd);
     if (rc == 0 && rename(tmp, path) < 0) rc = -errno;
-    if (rc == 0) rc = fsync_dir(s->dir);
+    if (rc == 0) rc = fs_fsync_dir(s->dir);
     if (rc == 0) s->id_time = epoch;
     return rc;
 }
@@ -305,7 +283,7 @@ struct spool *spool_open(struct loop *l, const char *data_dir, int worker, char 
     s->sync_op.fn = on_sync;
     s->commit_task.fn = commit_run;
     snprintf(s->dir, sizeof s->dir, "%s/spool/w%02d", data_dir, worker);
-    int rc = mkdir_p(s->dir);
+    int rc = fs_mkdir_p(s->dir);
     if (rc == 0) {
         s->seg = max_segment(s->dir);
         rc = segment_open_next(s);
@@ -495,10 +473,7 @@ static int scan_segment(const char *datpath, const char *logpath, spool_scan_cb 
     return sw.stop;
 }
 
-typedef int (*segment_fn)(const char *dat, const char *log, void *arg);
-
-/* Every segment under DATA/spool, in worker then segment order. */
-static int for_each_segment(const char *data_dir, segment_fn fn, void *arg)
+int spool_for_each_segment(const char *data_dir, spool_segment_fn fn, void *arg)
 {
     char spooldir[4096];
     snprintf(spooldir, sizeof spooldir, "%s/spool", data_dir);
@@ -546,7 +521,7 @@ static int scan_one(const char *dat, const char *log, void *arg)
 long spool_scan(const char *data_dir, spool_scan_cb cb, void *arg)
 {
     struct scan_ctx sc = {.cb = cb, .arg = arg};
-    int rc = for_each_segment(data_dir, scan_one, &sc);
+    int rc = spool_for_each_segment(data_dir, scan_one, &sc);
     if (rc < 0) return rc;
     return sc.live;
 }
@@ -591,7 +566,7 @@ int spool_mark(const char *data_dir, const char *id, char letter)
         snprintf(dir, sizeof dir, "%s", log);
         char *slash = strrchr(dir, '/');
         if (slash) *slash = 0;
-        res = fsync_dir(dir);
+        res = fs_fsync_dir(dir);
     }
     return res;
 }
@@ -618,7 +593,7 @@ static int recover_one(const char *dat, const char *log, void *arg)
 long spool_recover(const char *data_dir)
 {
     struct recover_ctx rc = {0};
-    int r = for_each_segment(data_dir, recover_one, &rc);
+    int r = spool_for_each_segment(data_dir, recover_one, &rc);
     return r < 0 ? r : rc.live;
 }
 

@@ -85,6 +85,12 @@ int spool_mark(const char *data_dir, const char *id, char letter);
  * acknowledged) are ignored by every reader. */
 long spool_recover(const char *data_dir);
 
+/* Every segment under DATA/spool, in worker then segment order: fn(path of
+ * the .dat, path of its .log, arg); a non-zero return stops the walk and
+ * is returned. -errno when the spool cannot be read; 0 without a spool. */
+typedef int (*spool_segment_fn)(const char *dat, const char *log, void *arg);
+int spool_for_each_segment(const char *data_dir, spool_segment_fn fn, void *arg);
+
 uint32_t spool_crc32c(uint32_t crc, const void *p, size_t n);
 
 #endif

@@ -2,6 +2,8 @@
  * fsync of new/, the order the Maildir convention relies on. */
 #include "store/maildir.h"
 
+#include "core/fsutil.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdatomic.h>
@@ -40,30 +42,6 @@ int maildir_path(const char *root, const char *address, char *buf, size_t cap)
     return n < 0 || (size_t)n >= cap ? -EINVAL : 0;
 }
 
-static int mkdirs(const char *path)
-{
-    char tmp[4096];
-    int n = snprintf(tmp, sizeof tmp, "%s", path);
-    if (n < 0 || (size_t)n >= sizeof tmp) return -ENAMETOOLONG;
-    for (char *p = tmp + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = 0;
-        if (mkdir(tmp, 0700) < 0 && errno != EEXIST) return -errno;
-        *p = '/';
-    }
-    if (mkdir(tmp, 0700) < 0 && errno != EEXIST) return -errno;
-    return 0;
-}
-
-static int fsync_path(const char *dir)
-{
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return -errno;
-    int rc = fsync(fd) < 0 ? -errno : 0;
-    close(fd);
-    return rc;
-}
-
 int maildir_deliver(const char *dir, const char *host, const char *prefix, size_t plen,
                     const char *msg, size_t len, char *name, size_t namecap)
 {
@@ -74,7 +52,7 @@ int maildir_deliver(const char *dir, const char *host, const char *prefix, size_
         snprintf(sub, sizeof sub, "%s/%s", dir, subs[i]);
         struct stat st;
         if (stat(sub, &st) == 0) continue;
-        int rc = mkdirs(sub);
+        int rc = fs_mkdir_p(sub);
         if (rc < 0) return rc;
     }
     struct timeval tv;
@@ -126,7 +104,7 @@ int maildir_deliver(const char *dir, const char *host, const char *prefix, size_
         return rc;
     }
     snprintf(sub, sizeof sub, "%s/new", dir);
-    rc = fsync_path(sub);
+    rc = fs_fsync_dir(sub);
     if (rc == 0 && name) snprintf(name, namecap, "%s,S=%zu", base, size);
     return rc;
 }

@@ -1,4 +1,4 @@
-/* sources: csrc/store/maildir.c */
+/* sources: csrc/store/maildir.c csrc/core/fsutil.c */
 /* libs: */
 /* Maildir delivery: mailbox paths from addresses (case, plus-addressing,
  * names that must not become paths), and delivery into a fresh directory:
