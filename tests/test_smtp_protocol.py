@@ -18,6 +18,7 @@ import time
 import aiosmtplib
 import pytest
 
+from conftest import ASAN
 from mailengine import Limits
 from smtpclient import PASSWORD, USER, Raw, auth_plain, b64, client_tls, session
 
@@ -902,7 +903,8 @@ def test_client_that_never_reads_is_held_back(tmp_path, ports):
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "mailengine", "serve", "--data", str(tmp_path / "d"),
-         "--smtp", f"127.0.0.1:{ports.mx}", "--workers", "1", "--domain", "example.test"],
+         "--smtp", f"127.0.0.1:{ports.mx}", "--workers", "1", "--domain", "example.test",
+         "--no-delivery"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def rss_kib() -> int:
@@ -916,6 +918,9 @@ def test_client_that_never_reads_is_held_back(tmp_path, ports):
         for _ in range(50):
             if "ready" in proc.stdout.readline():
                 break
+        # Let start-up finish (the queue and control threads settle after
+        # "ready") so only this client's effect is measured.
+        time.sleep(0.5)
         before = rss_kib()
         sock = socket.create_connection(("127.0.0.1", ports.mx), timeout=5)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -931,7 +936,9 @@ def test_client_that_never_reads_is_held_back(tmp_path, ports):
         time.sleep(0.5)
         grown = rss_kib() - before
         # Without back-pressure this grows by ~18x what was sent (70 MiB).
-        assert grown < 16 * 1024, f"RSS grew by {grown} KiB after {sent} bytes"
+        # ASan's quarantine keeps freed buffers resident: a looser bound there.
+        bound = (32 if ASAN else 16) * 1024
+        assert grown < bound, f"RSS grew by {grown} KiB after {sent} bytes"
         sock.close()
         assert proc.poll() is None
     finally:
