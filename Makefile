@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := build-essential liburing-dev libssl-dev libcrypt-dev python3-dev python3-venv \
-	postfix swaks clang libclang-rt-14-dev openssl unbound iproute2 curl
+	postfix swaks clang libclang-rt-14-dev openssl unbound iproute2 curl \
+	dovecot-core dovecot-pop3d dovecot-imapd fetchmail
 PY_PACKAGES := pytest pytest-timeout aiosmtplib aiosmtpd dkimpy pynacl setuptools wheel
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 FUZZ_SECONDS ?= 10

@@ -12,9 +12,9 @@ import time
 from typing import Any
 
 from . import control
-from .config import Config, Listener, Relay, parse_hostport
+from .config import Config, Listener, Relay, parse_hostport, parse_size
 from .engine import Engine
-from .errors import Error
+from .errors import ConfigError, Error
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -44,6 +44,12 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"mailengine: --user {spec!r}: expected ADDRESS:PASSWORD", file=sys.stderr)
             return 2
         cfg.add_user(addr, pw)
+    for spec in args.alias or []:
+        key, sep, targets = spec.partition(":")
+        if not sep or not targets.strip():
+            print(f"mailengine: --alias {spec!r}: expected ADDRESS:TARGET[,TARGET...]", file=sys.stderr)
+            return 2
+        cfg.aliases[key.strip()] = [t.strip() for t in targets.split(",") if t.strip()]
     if args.trusted_network:
         cfg.trusted_networks = [] if args.trusted_network == ["none"] else list(args.trusted_network)
     if args.tls_cert or args.tls_key:
@@ -219,7 +225,24 @@ def _user(args: argparse.Namespace) -> int:
 
     if args.action == "list":
         for u in users.load(args.data):
-            print(u.address)
+            quota = []
+            if u.quota:
+                quota.append(f"quota={parse_size(u.quota, 'quota')}")
+            if u.quota_messages:
+                quota.append(f"quota_messages={u.quota_messages}")
+            print(" ".join([u.address] + quota))
+        return 0
+    if args.action == "quota":
+        try:
+            size = parse_size(args.size, "quota")
+        except ConfigError as e:
+            print(f"mailengine: {e}", file=sys.stderr)
+            return 2
+        if not users.set_quota(args.data, args.address, size, args.messages):
+            print(f"mailengine: user {args.address} does not exist", file=sys.stderr)
+            return 1
+        print(f"quota of {args.address}: {size or 'unlimited'} bytes, "
+              f"{args.messages or 'unlimited'} messages (a running engine sees it at its next start)")
         return 0
     if args.action == "del":
         if not users.delete(args.data, args.address):
@@ -239,6 +262,13 @@ def _user(args: argparse.Namespace) -> int:
         return 2
     ok = users.set_password(args.data, args.address, _core.hash_password(pw),
                             create=args.action == "add")
+    if ok and args.action == "add" and (args.quota or args.quota_messages):
+        try:
+            users.set_quota(args.data, args.address, parse_size(args.quota or 0, "--quota"),
+                            args.quota_messages or 0)
+        except ConfigError as e:
+            print(f"mailengine: {e}", file=sys.stderr)
+            return 2
     if not ok:
         what = "already exists" if args.action == "add" else "does not exist"
         print(f"mailengine: user {args.address} {what}", file=sys.stderr)
@@ -275,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="implicit-TLS POP3 listener (repeatable)")
     s.add_argument("--domain", action="append", metavar="NAME", help="local domain (repeatable)")
     s.add_argument("--user", action="append", metavar="ADDR:PASSWORD", help="user (repeatable)")
+    s.add_argument("--alias", action="append", metavar="ADDR:TARGET[,TARGET]",
+                   help="alias (repeatable); ADDR may be @domain (catch-all; target @other: domain alias)")
     s.add_argument("--trusted-network", action="append", metavar="CIDR",
                    help="network allowed to relay (repeatable; 'none' for none; default loopback)")
     s.add_argument("--tls-cert", help="PEM certificate chain (default: self-signed in DATA/tls)")
@@ -336,11 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     us = u.add_subparsers(dest="action", required=True)
     for name, helptext in (("add", "add a user (password from stdin or prompted)"),
                            ("del", "delete a user"), ("list", "list users"),
-                           ("passwd", "change a user's password")):
+                           ("passwd", "change a user's password"),
+                           ("quota", "set a user's mailbox quota (0: unlimited)")):
         a = us.add_parser(name, help=helptext)
         a.add_argument("--data", default="./mail-data", help="data directory")
         if name != "list":
             a.add_argument("address")
+        if name == "quota":
+            a.add_argument("size", help="bytes, or a number with K, M, G (0: unlimited)")
+            a.add_argument("--messages", type=int, default=0, help="message count limit (0: none)")
+        if name == "add":
+            a.add_argument("--quota", help="mailbox quota: bytes, or a number with K, M, G")
+            a.add_argument("--quota-messages", type=int, help="mailbox message count limit")
         if name in ("add", "passwd"):
             a.add_argument("--password-stdin", action="store_true",
                            help="read the password from standard input")

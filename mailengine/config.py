@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import socket
 import tomllib
@@ -57,6 +58,8 @@ class User:
 
     address: str
     password_hash: str
+    quota: int | str = 0                  # mailbox bytes ("500M", "2G" too); 0: unlimited
+    quota_messages: int = 0               # messages; 0: unlimited
 
 
 @dataclass
@@ -100,6 +103,7 @@ class DkimKey:
 
 
 POLICY_TLS = ("none", "may", "required")
+_BAD_ALIAS = re.compile(r"[\s<>,;:\x00-\x1f\x7f]")
 RELAY_TLS = ("none", "may", "starttls", "implicit")
 
 
@@ -116,6 +120,8 @@ class Config:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     allow_plain_auth: bool = False        # AUTH without TLS (538 5.7.11 otherwise)
     reject_unknown_local: bool = True     # 550 5.1.1 for unknown users of local domains
+    # address -> addresses; "@domain" -> catch-all address(es) or "@otherdomain" (domain alias)
+    aliases: dict[str, list[str] | str] = field(default_factory=dict)
     log_level: str = "warning"
     limits: Limits = field(default_factory=Limits)
     # -- local delivery --
@@ -162,11 +168,12 @@ class Config:
         cfg.add_user("demo@example.test", password)
         return cfg, password
 
-    def add_user(self, address: str, password: str, *, rounds: int = 0) -> None:
+    def add_user(self, address: str, password: str, *, rounds: int = 0,
+                 quota: int | str = 0, quota_messages: int = 0) -> None:
         """Add a user with a password, stored salted and slowly hashed."""
         from . import _core
 
-        self.users.append(User(address, _core.hash_password(password, rounds)))
+        self.users.append(User(address, _core.hash_password(password, rounds), quota, quota_messages))
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> "Config":
@@ -211,6 +218,28 @@ class Config:
             kw["limits"] = Limits(**lim)
         return cls(**kw)
 
+    def _alias_pairs(self) -> list[tuple[str, str]]:
+        """Checked (key, target) pairs of the aliases, in lower case."""
+        if not isinstance(self.aliases, dict):
+            raise ConfigError("aliases", "must be a table of address = [addresses]")
+        local = {d.lower().rstrip(".") for d in self.domains}
+        pairs = []
+        for key, targets in self.aliases.items():
+            where = f"aliases.{key}"
+            k, local_part, dom = _alias_address(key, where)
+            if dom not in local:
+                raise ConfigError(where, f"{dom} is not one of the local domains")
+            if isinstance(targets, str):
+                targets = [t for t in targets.replace(",", " ").split() if t]
+            if not isinstance(targets, list) or not targets:
+                raise ConfigError(where, "needs at least one target address")
+            for target in targets:
+                t, tl, _ = _alias_address(target, where)
+                if not tl and local_part:
+                    raise ConfigError(where, f"{t!r}: only a @domain key can map onto a whole domain")
+                pairs.append((k, t))
+        return pairs
+
     # -- checking ---------------------------------------------------------
 
     def validate(self) -> None:
@@ -243,6 +272,10 @@ class Config:
             if not _core.hash_is_known(u.password_hash):
                 raise ConfigError(f"users[{i}].password_hash",
                                   "not a known hash format (use `mailengine hash-password`)")
+            parse_size(u.quota, f"users[{i}].quota")
+            if not isinstance(u.quota_messages, int) or isinstance(u.quota_messages, bool) or u.quota_messages < 0:
+                raise ConfigError(f"users[{i}].quota_messages", "must be a non-negative whole number")
+        self._alias_pairs()
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert" if self.tls_cert is None else "tls_key",
                               "tls_cert and tls_key go together")
@@ -380,7 +413,9 @@ class Config:
             "listeners": listeners,
             "domains": [d.lower().rstrip(".") for d in self.domains],
             "trusted_networks": nets,
-            "users": [(u.address.lower(), u.password_hash) for u in self.users],
+            "users": [(u.address.lower(), u.password_hash, parse_size(u.quota, "quota"), u.quota_messages)
+                      for u in self.users],
+            "aliases": self._alias_pairs(),
             "tls_cert": cert,
             "tls_key": key,
             "allow_plain_auth": self.allow_plain_auth,
@@ -390,6 +425,30 @@ class Config:
             "limits": {f.name: getattr(self.limits, f.name) for f in fields(Limits)},
             "delivery": self.delivery_to_core(events_to_python),
         }
+
+
+def _alias_address(text: Any, where: str) -> tuple[str, str, str]:
+    """An alias key or target ("user@domain" or "@domain") in lower case,
+    with its local part and domain."""
+    t = str(text).strip().lower()
+    local_part, at, dom = t.rpartition("@")
+    if not at or not dom or _BAD_ALIAS.search(t):
+        raise ConfigError(where, f"{text!r} is not an address or @domain")
+    return t, local_part, dom
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: Any, key: str) -> int:
+    """Bytes from an int or "500M"-style text (K, M, G, T: powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", value.upper())
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    raise ConfigError(key, f"{value!r} is not a size (bytes, or a number with K, M, G or T)")
 
 
 def _sub(cls: Any, item: dict[str, Any], key: str) -> Any:
@@ -440,15 +499,16 @@ def _user(i: int, item: Any) -> User:
     if not isinstance(item, dict) or "address" not in item:
         raise ConfigError(f"users[{i}]", "must be a table with address and password_hash (or password)")
     for key in item:
-        if key not in {"address", "password", "password_hash"}:
+        if key not in {"address", "password", "password_hash", "quota", "quota_messages"}:
             raise ConfigError(f"users[{i}].{key}", "unknown setting")
+    extra = (item.get("quota", 0), item.get("quota_messages", 0))
     if "password" in item:
         from . import _core
 
-        return User(item["address"], _core.hash_password(item["password"]))
+        return User(item["address"], _core.hash_password(item["password"]), *extra)
     if "password_hash" not in item:
         raise ConfigError(f"users[{i}].password_hash", "missing")
-    return User(item["address"], item["password_hash"])
+    return User(item["address"], item["password_hash"], *extra)
 
 
 def parse_hostport(text: str, key: str) -> tuple[str, int]:

@@ -1,5 +1,6 @@
 """The user file: DATA/users, one ``address:hash`` line per user (the hash
-formats of ``mailengine hash-password``), kept by ``mailengine user
+formats of ``mailengine hash-password``), optionally followed by
+``quota=BYTES`` and ``quota_messages=N``, kept by ``mailengine user
 add|del|list|passwd`` and read at start in addition to ``Config.users``."""
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .config import User
+from .config import User, parse_size
 from .errors import ConfigError
 
 FILE_NAME = "users"
@@ -31,10 +32,20 @@ def load(data_dir: str) -> list[User]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        addr, sep, hashed = line.partition(":")
+        addr, sep, rest = line.partition(":")
+        hashed, *extra = rest.split()
         if not sep or "@" not in addr or not hashed:
             raise ConfigError("users", f"{path}:{n}: expected address:hash")
-        users.append(User(addr.strip().lower(), hashed.strip()))
+        u = User(addr.strip().lower(), hashed.strip())
+        for word in extra:
+            key, eq, value = word.partition("=")
+            if key == "quota" and eq:
+                u.quota = parse_size(value, f"{path}:{n}: quota")
+            elif key == "quota_messages" and eq and value.isdigit():
+                u.quota_messages = int(value)
+            else:
+                raise ConfigError("users", f"{path}:{n}: unknown field {word!r}")
+        users.append(u)
     return users
 
 
@@ -47,7 +58,9 @@ def save(data_dir: str, users: list[User]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("# mailengine users: address:hash (mailengine user add|del|passwd)\n")
             for u in sorted(users, key=lambda u: u.address):
-                f.write(f"{u.address}:{u.password_hash}\n")
+                extra = (f" quota={parse_size(u.quota, 'quota')}" if u.quota else "") + \
+                    (f" quota_messages={u.quota_messages}" if u.quota_messages else "")
+                f.write(f"{u.address}:{u.password_hash}{extra}\n")
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o600)
@@ -68,9 +81,24 @@ def set_password(data_dir: str, address: str, hashed: str, *, create: bool) -> b
     found = [u for u in users if u.address == address]
     if create == bool(found):
         return False
-    users = [u for u in users if u.address != address] + [User(address, hashed)]
+    old = found[0] if found else User(address, hashed)
+    users = [u for u in users if u.address != address] + [
+        User(address, hashed, old.quota, old.quota_messages)]
     save(data_dir, users)
     return True
+
+
+def set_quota(data_dir: str, address: str, quota: int, quota_messages: int) -> bool:
+    """Change a user's quota (0: unlimited); False when there is no such user."""
+    address = address.strip().lower()
+    users = load(data_dir)
+    found = False
+    for u in users:
+        if u.address == address:
+            u.quota, u.quota_messages, found = quota, quota_messages, True
+    if found:
+        save(data_dir, users)
+    return found
 
 
 def delete(data_dir: str, address: str) -> bool:

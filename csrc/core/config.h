@@ -51,6 +51,7 @@ enum hook_kind {
 };
 
 struct users;
+struct aliases;
 struct tls_ctx;
 struct delivery_cfg;
 
@@ -65,6 +66,7 @@ struct me_config {
     struct cidr *trusted;
     size_t ntrusted;
     struct users *users;
+    struct aliases *aliases;     /* virtual aliases and catch-alls (store/aliases.h) */
     struct tls_ctx *tls;
     bool allow_plain_auth;
     bool reject_unknown_local;   /* local recipients must be users */

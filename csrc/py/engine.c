@@ -14,6 +14,8 @@
 #include "py/bridge.h"
 #include "py/module.h"
 #include "queue/queue.h"
+#include "core/buf.h"
+#include "store/aliases.h"
 #include "store/users.h"
 #include "tls/tls.h"
 
@@ -211,6 +213,7 @@ static void config_free(struct me_config *cfg)
     free(cfg->domains);
     free(cfg->trusted);
     if (cfg->users) users_free(cfg->users);
+    aliases_free(cfg->aliases);
     if (cfg->tls) tls_ctx_free(cfg->tls);
     delivery_cfg_free(cfg->delivery);
     memset(cfg, 0, sizeof *cfg);
@@ -306,7 +309,8 @@ static int config_from_dict(struct me_config *cfg, PyObject *d)
         for (Py_ssize_t i = 0; i < n; i++) {
             PyObject *item = PySequence_GetItem(us, i);
             const char *name, *hash;
-            if (!item || !PyArg_ParseTuple(item, "ss", &name, &hash)) {
+            unsigned long long qb = 0, qm = 0;
+            if (!item || !PyArg_ParseTuple(item, "ss|KK", &name, &hash, &qb, &qm)) {
                 Py_XDECREF(item);
                 goto fail;
             }
@@ -315,7 +319,26 @@ static int config_from_dict(struct me_config *cfg, PyObject *d)
                 FAIL("users[%zd]: password hash for %s is not in a known format", i, name);
             }
             users_add(cfg->users, name, hash);
+            users_set_quota(cfg->users, name, qb, qm);
             Py_DECREF(item);
+        }
+    }
+    PyObject *al = PyDict_GetItemString(d, "aliases");
+    if (al && al != Py_None) {
+        Py_ssize_t n = PySequence_Length(al);
+        if (n < 0) goto fail;
+        cfg->aliases = aliases_new();
+        if (!cfg->aliases) FAIL("aliases: out of memory");
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *item = PySequence_GetItem(al, i);
+            const char *key, *target;
+            if (!item || !PyArg_ParseTuple(item, "ss", &key, &target)) {
+                Py_XDECREF(item);
+                goto fail;
+            }
+            int rc = aliases_add(cfg->aliases, key, target);
+            Py_DECREF(item);
+            if (rc < 0) FAIL("aliases[%zd]: %s -> %s is not an alias", i, key, target);
         }
     }
     char *cert = dict_str(d, "tls_cert", NULL), *key = dict_str(d, "tls_key", NULL);
@@ -529,6 +552,54 @@ static int queue_usable(EngineObject *self)
     return 1;
 }
 
+/* Envelope lines with every local recipient put through the aliases, as
+ * the SMTP server does at RCPT: a new malloc'd envelope, or NULL when
+ * nothing changed (or on allocation failure: the envelope stays as is). */
+static char *expand_aliases(const struct me_config *cfg, const char *env, size_t len, size_t *out_len)
+{
+    struct bytebuf out = {0};
+    struct alias_result *res = malloc(sizeof *res);
+    bool changed = false;
+    const char *p = env, *end = env + len;
+    while (res && p < end) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        const char *le = nl ? nl : end;
+        const char *tab = memchr(p, '\t', (size_t)(le - p));
+        const char *ae = tab ? tab : le;
+        const char *at = p + 2 < ae ? memrchr(p + 2, '@', (size_t)(ae - p - 2)) : NULL;
+        if (le - p > 2 && p[0] == 'R' && p[1] == ' ' && at &&
+            config_is_local_domain(cfg, at + 1, (size_t)(ae - at - 1)) &&
+            aliases_resolve(cfg->aliases, p + 2, (size_t)(ae - p - 2), users_is_mailbox, cfg->users, res) == 1) {
+            char x[700];
+            int xl = aliases_xtext(p + 2, (size_t)(ae - p - 2), x, sizeof x);
+            for (unsigned i = 0; i < res->n; i++) {
+                bytebuf_append(&out, "R ", 2);
+                bytebuf_append(&out, res->addr[i], strlen(res->addr[i]));
+                if (xl >= 0) {
+                    bytebuf_append(&out, "\tORCPT=rfc822;", 14);
+                    bytebuf_append(&out, x, (size_t)xl);
+                }
+                bytebuf_append(&out, "\n", 1);
+            }
+            changed = true;
+        } else {
+            bytebuf_append(&out, p, (size_t)(le - p));
+            bytebuf_append(&out, "\n", 1);
+        }
+        p = nl ? nl + 1 : end;
+    }
+    free(res);
+    if (!changed || !out.data) {
+        free(out.data);
+        return NULL;
+    }
+    *out_len = bytebuf_used(&out);
+    char *r = malloc(*out_len + 1);
+    if (r) memcpy(r, bytebuf_head(&out), *out_len);
+    free(out.data);
+    return r;
+}
+
 /* submit([(envelope_bytes, message_bytes), ...]) -> [queue id or None, ...]:
  * durable when it returns. */
 static PyObject *engine_submit(EngineObject *self, PyObject *arg)
@@ -555,6 +626,15 @@ static PyObject *engine_submit(EngineObject *self, PyObject *arg)
         }
         memcpy(items[i].env, env, (size_t)el);
         items[i].env_len = (size_t)el;
+        if (self->eng.cfg->aliases) {
+            size_t nl = 0;
+            char *x = expand_aliases(self->eng.cfg, env, (size_t)el, &nl);
+            if (x) {
+                free(items[i].env);
+                items[i].env = x;
+                items[i].env_len = nl;
+            }
+        }
         memcpy(items[i].msg, msg, (size_t)ml);
         items[i].msg_len = (size_t)ml;
     }

@@ -20,6 +20,7 @@
 #include "py/bridge.h"
 #include "queue/spool.h"
 #include "smtp/parse.h"
+#include "store/aliases.h"
 #include "store/users.h"
 #include "tls/tls.h"
 
@@ -69,6 +70,7 @@ struct smtp_session {
     unsigned errors;
     unsigned auth_failures;
     unsigned nrcpt;
+    unsigned last_rcpt_lines;         /* envelope lines the last RCPT added (aliases) */
     uint32_t txn_flags;
     uint64_t session_deadline;        /* timer_now_ms() based */
     size_t bdat_left;
@@ -482,14 +484,18 @@ static bool notify_ok(const char *v, size_t n)
     return n > 0;
 }
 
-/* Take back the envelope line added for the last recipient. */
+/* Take back the envelope lines added for the last RCPT (one, or one per
+ * target of an alias). */
 static void rcpt_undo(struct smtp_session *s)
 {
-    char *env = bytebuf_head(&s->env);
-    size_t i = bytebuf_used(&s->env) - 1;
-    while (i > 0 && env[i - 1] != '\n') i--;
-    s->env.len = s->env.off + i;
-    s->nrcpt--;
+    for (unsigned k = 0; k < s->last_rcpt_lines && bytebuf_used(&s->env) > 0; k++) {
+        char *env = bytebuf_head(&s->env);
+        size_t i = bytebuf_used(&s->env) - 1;
+        while (i > 0 && env[i - 1] != '\n') i--;
+        s->env.len = s->env.off + i;
+        s->nrcpt--;
+    }
+    s->last_rcpt_lines = 0;
 }
 
 static void after_rcpt(struct smtp_session *s, struct hook_req *r)
@@ -502,19 +508,34 @@ static void after_rcpt(struct smtp_session *s, struct hook_req *r)
 }
 
 
-/* A local recipient names a user, also as user+tag@domain (plus-addressing:
- * the tag is for the user's own filing; delivery drops it). */
-static bool local_user_known(const struct me_config *cfg, const char *addr, size_t at, size_t alen)
+/* The envelope lines of an aliased recipient: one per final address, each
+ * with the RCPT's parameters and, unless the client gave one, ORCPT naming
+ * the address it asked for (RFC 3461 §4.2), so reports name it too. */
+static int rcpt_add_aliased(struct smtp_session *s, const char *addr, size_t alen,
+                            const char *params, size_t plen, const struct alias_result *res)
 {
-    if (users_find(cfg->users, addr, alen)) return true;
-    const char *plus = memchr(addr, '+', at);
-    if (!plus || plus == addr) return false;
-    char buf[600];
-    size_t ll = (size_t)(plus - addr), dl = alen - at;
-    if (ll + dl >= sizeof buf) return false;
-    memcpy(buf, addr, ll);
-    memcpy(buf + ll, addr + at, dl);
-    return users_find(cfg->users, buf, ll + dl) != NULL;
+    char p[1400];
+    size_t pl = 0;
+    if (plen && plen < 700) {
+        memcpy(p, params, plen);
+        pl = plen;
+    }
+    bool has_orcpt = false;
+    for (size_t i = 0; i + 6 <= pl; i++)
+        if ((i == 0 || p[i - 1] == ' ') && strncasecmp(p + i, "ORCPT=", 6) == 0) has_orcpt = true;
+    if (!has_orcpt) {
+        char x[700];
+        if (aliases_xtext(addr, alen, x, sizeof x) >= 0) {
+            int n = snprintf(p + pl, sizeof p - pl, "%sORCPT=rfc822;%s", pl ? " " : "", x);
+            if (n > 0 && (size_t)n < sizeof p - pl) pl += (size_t)n;
+        }
+    }
+    for (unsigned i = 0; i < res->n; i++) {
+        if (env_add(s, 'R', res->addr[i], strlen(res->addr[i]), p, pl) < 0) return -1;
+        s->nrcpt++;
+        s->last_rcpt_lines++;
+    }
+    return 0;
 }
 
 static void cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
@@ -568,9 +589,38 @@ static void cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
     }
     const char *domain = addr + at + 1;
     size_t dlen = alen - (size_t)at - 1;
+    const char *params = c->nparams ? c->params[0].key : NULL;
+    size_t plen = params ? (size_t)(c->arg + c->arg_len - params) : 0;
+    s->last_rcpt_lines = 0;
+    bool aliased = false;
     if (config_is_local_domain(cfg, domain, dlen)) {
-        if (cfg->reject_unknown_local && users_count(cfg->users) > 0 &&
-            !local_user_known(cfg, addr, (size_t)at, alen) &&
+        if (cfg->aliases) {
+            struct alias_result *res = malloc(sizeof *res);
+            int rc = res ? aliases_resolve(cfg->aliases, addr, alen, users_is_mailbox, cfg->users, res) : -ENOMEM;
+            if (rc == 1 && s->nrcpt + res->n > cfg->limits.max_recipients) {
+                session_reply(s, "452 4.5.3 Error: too many recipients");
+                free(res);
+                return;
+            }
+            if (rc == 1 && rcpt_add_aliased(s, addr, alen, params, plen, res) < 0) {
+                rcpt_undo(s);
+                rc = -ENOMEM;
+            }
+            free(res);
+            if (rc == -ELOOP || rc == -E2BIG) {
+                session_reply(s, "550 5.4.6 <%.*s>: Recipient address rejected: alias %s",
+                              (int)(alen > 256 ? 256 : alen), addr,
+                              rc == -ELOOP ? "loop" : "expands to too many recipients");
+                return;
+            }
+            if (rc < 0 && rc != -EINVAL) {
+                session_reply(s, "451 4.3.0 Error: out of memory");
+                return;
+            }
+            aliased = rc == 1;
+        }
+        if (!aliased && cfg->reject_unknown_local && users_count(cfg->users) > 0 &&
+            !users_is_mailbox(cfg->users, addr, alen) &&
             !(at == 10 && strncasecmp(addr, "postmaster", 10) == 0)) {
             session_reply(s, "550 5.1.1 <%.*s>: Recipient address rejected: User unknown",
                           (int)(alen > 256 ? 256 : alen), addr);
@@ -581,13 +631,14 @@ static void cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
                       addr);
         return;
     }
-    const char *params = c->nparams ? c->params[0].key : NULL;
-    size_t plen = params ? (size_t)(c->arg + c->arg_len - params) : 0;
-    if (env_add(s, 'R', addr, alen, params, plen) < 0) {
-        session_reply(s, "451 4.3.0 Error: out of memory");
-        return;
+    if (!aliased) {
+        if (env_add(s, 'R', addr, alen, params, plen) < 0) {
+            session_reply(s, "451 4.3.0 Error: out of memory");
+            return;
+        }
+        s->nrcpt++;
+        s->last_rcpt_lines = 1;
     }
-    s->nrcpt++;
     if (hook_wanted(s, HOOK_RCPT)) {
         if (hook_call(s, HOOK_RCPT, addr, alen, params, plen, NULL, 0, after_rcpt) < 0) {
             rcpt_undo(s);

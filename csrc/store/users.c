@@ -345,6 +345,7 @@ struct users_slot {
     char *hash;
     size_t name_len;
     uint64_t h;
+    uint64_t quota_bytes, quota_messages;   /* 0: unlimited */
 };
 
 struct users {
@@ -481,6 +482,44 @@ const char *users_find(const struct users *u, const char *name, size_t len)
     uint64_t h = users_hash_name(name, len);
     size_t i = users_probe(u->slots, u->cap, h, name, len);
     return u->slots[i].hash; /* NULL for the empty slot */
+}
+
+int users_set_quota(struct users *u, const char *name, uint64_t bytes, uint64_t messages)
+{
+    if (u == NULL || name == NULL) return -1;
+    size_t len = strlen(name);
+    size_t i = users_probe(u->slots, u->cap, users_hash_name(name, len), name, len);
+    if (u->slots[i].name == NULL) return -1;
+    u->slots[i].quota_bytes = bytes;
+    u->slots[i].quota_messages = messages;
+    return 0;
+}
+
+bool users_quota(const struct users *u, const char *name, size_t len, uint64_t *bytes, uint64_t *messages)
+{
+    *bytes = *messages = 0;
+    if (u == NULL || u->cap == 0) return false;
+    size_t i = users_probe(u->slots, u->cap, users_hash_name(name, len), name, len);
+    if (u->slots[i].name == NULL) return false;
+    *bytes = u->slots[i].quota_bytes;
+    *messages = u->slots[i].quota_messages;
+    return true;
+}
+
+bool users_is_mailbox(void *table, const char *addr, size_t len)
+{
+    const struct users *u = table;
+    if (users_find(u, addr, len)) return true;
+    const char *at = memrchr(addr, '@', len);
+    if (!at) return false;
+    const char *plus = memchr(addr, '+', (size_t)(at - addr));
+    if (!plus || plus == addr) return false;
+    char buf[600];
+    size_t ll = (size_t)(plus - addr), dl = len - (size_t)(at - addr);
+    if (ll + dl >= sizeof buf) return false;
+    memcpy(buf, addr, ll);
+    memcpy(buf + ll, at, dl);
+    return users_find(u, buf, ll + dl) != NULL;
 }
 
 size_t users_count(const struct users *u)

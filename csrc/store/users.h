@@ -4,7 +4,9 @@
 #ifndef STORE_USERS_H
 #define STORE_USERS_H
 
+#include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 /* Hash a password as "$pbkdf2-sha256$ROUNDS$SALT$HASH" (passlib's format:
  * adapted base64 without padding, 16 random salt bytes, 32-byte hash).
@@ -30,5 +32,13 @@ int users_add(struct users *u, const char *name, const char *hash);
 /* The stored hash, or NULL. name need not be NUL-terminated. */
 const char *users_find(const struct users *u, const char *name, size_t len);
 size_t users_count(const struct users *u);
+/* Is addr (not NUL-terminated) a user, also as user+tag@domain
+ * (plus-addressing: the tag is for the user's own filing)? table is a
+ * struct users (void * so it serves as aliases_resolve's is_user). */
+bool users_is_mailbox(void *table, const char *addr, size_t len);
+/* A user's mailbox quota (0: unlimited); -1 when the user is unknown. */
+int users_set_quota(struct users *u, const char *name, uint64_t bytes, uint64_t messages);
+/* true when name is a user; its quota goes to bytes and messages. */
+bool users_quota(const struct users *u, const char *name, size_t len, uint64_t *bytes, uint64_t *messages);
 
 #endif
