@@ -5,11 +5,13 @@ from .engine import Engine
 from .errors import ConfigError, Error, QueueError, StartError
 from .hooks import Accept, Envelope, ReceivedEvent, Reject, Session, TempFail
 from .queue import Queue, QueuedMessage
+from .storage import MemoryStore, QuotaExceeded, Store, StoredMessage
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Accept", "Config", "ConfigError", "DeliveryEvent", "DkimKey", "Engine", "Envelope", "Error",
-    "Limits", "Listener", "Policy", "Queue", "QueueError", "QueuedMessage", "ReceivedEvent",
-    "Reject", "Relay", "SendError", "Session", "StartError", "TempFail", "User",
+    "Limits", "Listener", "MemoryStore", "Policy", "Queue", "QueueError", "QueuedMessage",
+    "QuotaExceeded", "ReceivedEvent", "Reject", "Relay", "SendError", "Session", "StartError",
+    "Store", "StoredMessage", "TempFail", "User",
 ]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import json
 import logging
@@ -197,6 +198,8 @@ def _deliver(args: argparse.Namespace) -> int:
     from . import _core
     from .delivery import message_bytes
 
+    from . import users
+
     root = os.path.abspath(args.mail_dir or os.path.join(args.data, "mailboxes"))
     try:
         mdir = _core.maildir_path(root, args.recipient)
@@ -210,13 +213,30 @@ def _deliver(args: argparse.Namespace) -> int:
     host = args.hostname or _socket.gethostname()
     prefix = (f"Return-Path: <{args.sender}>\r\n" if args.sender is not None else "")
     prefix += f"Delivered-To: {args.recipient}\r\n"
+    # The user's quota from DATA/users, as the engine applies it.
+    quota = (0, 0)
+    mailbox = args.recipient.lower()
+    for u in users.load(args.data):
+        if u.address == mailbox or u.address == _untagged(mailbox):
+            quota = (parse_size(u.quota, "quota"), u.quota_messages)
     try:
-        name = _core.maildir_deliver(mdir, host, prefix.encode(), message_bytes(data, host))
-    except OSError as e:
+        ident = _core.store_deliver(root, host, args.recipient, args.folder, prefix.encode(),
+                                    message_bytes(data, host), *quota)
+    except ValueError as e:
         print(f"mailengine: deliver: {e}", file=sys.stderr)
+        return 64
+    except OSError as e:
+        # Over quota is temporary too: the calling MTA retries, then bounces.
+        print(f"mailengine: deliver: {'mailbox full (over quota)' if e.errno == errno.EDQUOT else e}",
+              file=sys.stderr)
         return 75
-    print(f"delivered to {mdir}/new/{name}")
+    print(f"delivered to {mdir} ({args.folder}) as {ident}")
     return 0
+
+
+def _untagged(address: str) -> str:
+    local, _, domain = address.rpartition("@")
+    return f"{local.split('+', 1)[0] if not local.startswith('+') else local}@{domain}"
 
 
 def _user(args: argparse.Namespace) -> int:
@@ -347,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--data", default="./mail-data", help="data directory (store under DATA/mailboxes)")
     dl.add_argument("--mail-dir", help="store root (default DATA/mailboxes)")
     dl.add_argument("--hostname", help="host name in the file name")
+    dl.add_argument("--folder", default="INBOX", help="folder to file into (default INBOX)")
     dl.set_defaults(func=_deliver)
     q = sub.add_parser("queue", help="list, show, hold, release, retry or delete queued messages")
     qs = q.add_subparsers(dest="action", required=True)

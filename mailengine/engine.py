@@ -30,6 +30,7 @@ from .errors import ConfigError, Error, QueueError, StartError
 from .hooks import (HOOK_NAMES, Accept, Envelope, ReceivedEvent, Reject, Session, TempFail,
                     parse_envelope, parse_params)
 from .queue import Queue
+from .storage import Store, _Adapter
 
 log = logging.getLogger("mailengine")
 
@@ -41,6 +42,7 @@ _HOOK_KINDS = {
     "data": _core.HOOK_DATA,
     "auth": _core.HOOK_AUTH,
     "destination_policy": _core.HOOK_POLICY,
+    "deliver": _core.HOOK_DELIVER,
 }
 _KIND_NAMES = {v: k for k, v in _HOOK_KINDS.items()}
 
@@ -48,11 +50,17 @@ _KIND_NAMES = {v: k for k, v in _HOOK_KINDS.items()}
 class Engine:
     """A mail engine: listeners, policy hooks, the durable queue."""
 
-    def __init__(self, config: Config | None = None, *, events: bool = True) -> None:
+    def __init__(self, config: Config | None = None, *, events: bool = True,
+                 store: Any = None) -> None:
         """``events=False`` keeps received events from ever reaching Python
-        (for pure throughput: no per-message Python work at all)."""
+        (for pure throughput: no per-message Python work at all).
+        ``store``: a mailengine.storage.Store keeping the mailboxes instead
+        of the Maildir store under mail_dir."""
         self.config = config if config is not None else Config()
         self._events = events
+        if store is not None and not isinstance(store, Store):
+            raise ConfigError("store", "must be a mailengine.storage.Store")
+        self.store = store
         self._hooks: dict[str, Callable[..., Any]] = {}
         self._received_callbacks: list[Callable[[ReceivedEvent], Any]] = []
         self._received_queues: set[asyncio.Queue[ReceivedEvent | None]] = set()
@@ -75,10 +83,12 @@ class Engine:
         """Decorator registering a hook: connect(session), helo(session, name),
         mail_from(session, address, params), rcpt_to(session, address, params),
         data(session, envelope, message), auth(session, mechanism, username,
-        password), and for delivery destination_policy(domain, mx_hosts) ->
+        password), for delivery destination_policy(domain, mx_hosts) ->
         Policy (or None for the configured one), asked once per destination
-        before its first connection. Plain functions and ``async def`` both
-        work."""
+        before its first connection, and for local delivery deliver(user,
+        message[, recipient]) -> folder name (None: INBOX), Reject or
+        TempFail, asked once per local recipient. Plain functions and
+        ``async def`` both work."""
         if name not in HOOK_NAMES:
             raise ConfigError("hook", f"unknown hook {name!r}; known: {', '.join(HOOK_NAMES)}")
 
@@ -250,10 +260,13 @@ class Engine:
         except OSError as e:
             raise StartError(f"cannot prepare TLS certificate: {e}") from e
         try:
-            return _core.Engine(cfg)
+            core = _core.Engine(cfg)
         except ValueError as e:
             key, _, msg = str(e).partition(": ")
             raise ConfigError(key, msg or str(e)) from None
+        if self.store is not None:
+            core.set_store(_Adapter(self.store))
+        return core
 
     async def serve(self) -> None:
         """Run inside the caller's asyncio loop until stop() is called."""
@@ -433,6 +446,11 @@ class Engine:
             args = (session, a1, parse_params(a2))
         elif name == "data":
             args = (session, parse_envelope(a1 or ""), req.data)
+        elif name == "deliver":
+            # deliver(user, message[, recipient]): the mailbox, the message
+            # as stored (below our Return-Path/Delivered-To), and the
+            # recipient address as given (with its +tag) when asked for.
+            args = (a1, req.data, a2) if _wants_args(fn, 3) else (a1, req.data)
         else:  # auth
             args = (session, a1, a2, a3)
         try:
@@ -500,6 +518,15 @@ class Engine:
         task.add_done_callback(self._tasks.discard)
 
 
+def _wants_args(fn: Callable[..., Any], n: int) -> bool:
+    """Does fn take n positional arguments?"""
+    try:
+        inspect.signature(fn).bind(*range(n))
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def _answer(req: Any, name: str, res: Any) -> None:
     if name == "auth" and isinstance(res, bool):
         # True: the credentials are good. False: they are not. None or
@@ -508,6 +535,9 @@ def _answer(req: Any, name: str, res: Any) -> None:
             req.reply(_core.AUTHENTICATED)
         else:
             req.reply(_core.REJECT, 535, "5.7.8 Error: authentication failed")
+        return
+    if name == "deliver" and isinstance(res, str):
+        req.reply(_core.ACCEPT, 0, res)         # the folder to file it in
         return
     if res is None or isinstance(res, Accept):
         req.reply(_core.ACCEPT)

@@ -118,4 +118,4 @@ def parse_envelope(text: str) -> Envelope:
     )
 
 
-HOOK_NAMES = ("connect", "helo", "mail_from", "rcpt_to", "data", "auth", "destination_policy")
+HOOK_NAMES = ("connect", "helo", "mail_from", "rcpt_to", "data", "auth", "destination_policy", "deliver")

@@ -47,6 +47,7 @@ enum hook_kind {
     EVENT_RECEIVED,
     EVENT_DELIVERY,               /* a recipient's outcome (JSON line) */
     HOOK_POLICY,                  /* destination_policy(domain, mx_hosts) */
+    HOOK_DELIVER,                 /* deliver(user, message) -> folder or Reject */
     HOOK_KIND_COUNT
 };
 

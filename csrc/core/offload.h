@@ -1,6 +1,9 @@
-/* One background thread for work too slow for a worker's loop (password
- * hashing): jobs go in through a lock-free stack and an eventfd, and each
- * result is posted back to the loop that asked. */
+/* Background threads for work too slow or too blocking for a worker's
+ * loop (password hashing, DKIM signing, store file I/O, Python store
+ * calls): jobs go in through lock-free stacks and eventfds, spread round
+ * robin over OFFLOAD_THREADS threads, and each result is posted back to the
+ * loop that asked. Jobs may run in any order and at the same time: a
+ * caller that needs an order waits for one job's answer before the next. */
 #ifndef CORE_OFFLOAD_H
 #define CORE_OFFLOAD_H
 
@@ -8,6 +11,8 @@
 #include "core/mpsc.h"
 
 #include <stdatomic.h>
+
+#define OFFLOAD_THREADS 4
 
 struct offload_job {
     struct loop_msg msg;                 /* posted back to `loop` when done */

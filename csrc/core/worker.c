@@ -17,6 +17,7 @@
 #include "core/offload.h"
 #include "queue/queue.h"
 #include "queue/spool.h"
+#include "store/store.h"
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
 
@@ -275,6 +276,8 @@ static void stop_queue_now(struct engine *e)
     while (atomic_load(&e->offload_jobs) > 0) usleep(1000);
     queue_free(e->queue);
     e->queue = NULL;
+    if (e->store) e->store->ops->destroy(e->store);
+    e->store = NULL;
 }
 
 int engine_start(struct engine *e, char *err, size_t errlen)
@@ -316,6 +319,13 @@ int engine_start(struct engine *e, char *err, size_t errlen)
             ls->accept_op.fn = on_accept;
             ls->fd = listen_socket(ls->cfg->host, ls->cfg->port, i == 0, err, errlen);
             if (ls->fd < 0) goto fail;
+        }
+    }
+    if (!e->store && cfg->delivery && cfg->delivery->mail_dir) {
+        e->store = mailstore_new(cfg->delivery->mail_dir, cfg->hostname);
+        if (!e->store) {
+            snprintf(err, errlen, "out of memory for the mailbox store");
+            goto fail;
         }
     }
     if (offload_start() < 0) {

@@ -50,12 +50,15 @@ struct worker {
 
 #define ENGINE_IP_SLOTS 65536
 
+struct store;
+
 struct engine {
     struct me_config *cfg;
     struct worker *workers;
     int nworkers;
     struct bridge *bridge;
     struct queue *queue;              /* delivery; NULL when not configured */
+    struct store *store;              /* mailboxes (store/store.h); NULL: none */
     atomic_uint conns_total;
     /* Connections per client address, hashed: a collision can only make
      * the limit stricter for the two addresses that share a slot. */

@@ -1,9 +1,10 @@
 /* The POP3 server (RFC 1939, CAPA RFC 2449, STLS RFC 2595, AUTH PLAIN
- * RFC 5034) over the Maildir store. The session runs on its worker's loop;
- * everything that touches files or hashes a password runs on the offload
- * thread while the session is suspended. Deletions happen only in the
- * UPDATE state (QUIT); one session per mailbox at a time. */
-#include <dirent.h>
+ * RFC 5034) over the mailbox store (store/store.h: the Maildir store, or
+ * the user's Python one). The session runs on its worker's loop;
+ * everything that touches the store or hashes a password runs on an
+ * offload thread while the session is suspended. The maildrop is the
+ * INBOX as it was at login; deletions happen only in the UPDATE state
+ * (QUIT); one session per mailbox at a time. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -22,7 +23,7 @@
 #include "core/worker.h"
 #include "pop3/parse.h"
 #include "queue/queue.h"
-#include "store/maildir.h"
+#include "store/store.h"
 #include "store/users.h"
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
@@ -30,15 +31,8 @@
 #define POP3_IDLE_MS (10 * 60 * 1000)     /* RFC 1939 §3: at least ten minutes */
 #define POP3_MAX_ERRORS 20
 #define POP3_MAX_AUTH_FAILURES 3
-#define POP3_MAX_MESSAGE (64u << 20)     /* bigger files are skipped by the scan */
 
 enum { P_AUTH = 0, P_TRANS, P_WAIT, P_DONE };
-
-struct pop3_msg {
-    char *name;                   /* "new/<file>" or "cur/<file>" */
-    size_t size;
-    bool deleted;
-};
 
 struct pop3_session {
     struct conn conn;             /* first: the conn callbacks cast back */
@@ -50,10 +44,10 @@ struct pop3_session {
     bool auth_plain_wait;         /* "AUTH PLAIN" sent alone: the response comes next */
     unsigned errors, auth_failures;
     char *user;
-    char *dir;                    /* the mailbox (Maildir) */
+    char *mailbox;                /* the store's user (lower case, no +tag): the lock key */
     bool locked;
-    struct pop3_msg *msgs;
-    unsigned nmsgs;
+    struct store_mbox *mb;        /* the maildrop: INBOX at login */
+    bool *deleted;                /* per message of mb */
 };
 
 /* ---- one session per mailbox (RFC 1939 §8 leaves it to the server; we
@@ -134,11 +128,11 @@ static bool secure_enough(const struct pop3_session *s)
 
 static void session_free(struct pop3_session *s)
 {
-    if (s->locked) mailbox_unlock(s->dir);
-    for (unsigned i = 0; i < s->nmsgs; i++) free(s->msgs[i].name);
-    free(s->msgs);
+    if (s->locked) mailbox_unlock(s->mailbox);
+    if (s->mb) s->mb->st->ops->close(s->mb);
+    free(s->deleted);
     free(s->user);
-    free(s->dir);
+    free(s->mailbox);
     free(s);
 }
 
@@ -154,160 +148,77 @@ struct pop3_job {
     const char *hash;
     char *password;
     int ok;
-    /* scan */
-    struct pop3_msg *msgs;
-    unsigned nmsgs;
+    /* open */
+    struct store_mbox *mb;
     int err;
     /* read */
-    char *path;
+    uint32_t uid;
     long top_lines;               /* -1: whole message */
     char *data;
     size_t len;
     size_t octets;
 };
 
-static int msg_cmp(const void *a, const void *b)
+/* A message as it goes on the wire: CRLF lines (a bare LF from a file
+ * another tool wrote becomes CRLF), dot-stuffed (RFC 1939 §3), the final
+ * "." line; top_lines >= 0 keeps the header and that many lines of the
+ * body (§7 TOP). */
+static int wire_format(const char *raw, size_t len, long top_lines, struct bytebuf *out)
 {
-    const struct pop3_msg *x = a, *y = b;
-    /* Maildir names start with the delivery time: name order (past the
-     * "new/"/"cur/" prefix) is arrival order. */
-    return strcmp(x->name + 4, y->name + 4);
-}
-
-static void scan_dir(struct pop3_job *j, const char *dir, const char *sub, size_t *cap)
-{
-    char path[4400];
-    snprintf(path, sizeof path, "%s/%s", dir, sub);
-    DIR *d = opendir(path);
-    if (!d) return;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        if (de->d_name[0] == '.') continue;
-        char fp[4700];
-        snprintf(fp, sizeof fp, "%s/%s", path, de->d_name);
-        struct stat st;
-        if (stat(fp, &st) < 0 || !S_ISREG(st.st_mode) || (size_t)st.st_size > POP3_MAX_MESSAGE) continue;
-        if (j->nmsgs == *cap) {
-            size_t nc = *cap ? *cap * 2 : 64;
-            struct pop3_msg *p = realloc(j->msgs, nc * sizeof *p);
-            if (!p) break;
-            j->msgs = p;
-            *cap = nc;
-        }
-        char name[300];
-        snprintf(name, sizeof name, "%s/%s", sub, de->d_name);
-        struct pop3_msg *m = &j->msgs[j->nmsgs];
-        m->name = strdup(name);
-        if (!m->name) break;
-        m->size = (size_t)st.st_size;
-        m->deleted = false;
-        j->nmsgs++;
-    }
-    closedir(d);
-}
-
-/* The unique id of a message (RFC 1939 §7 UIDL): its Maildir base name,
- * without the directory and the ":2,flags" info, so it stays the same
- * when another client moves the file from new/ to cur/. */
-static size_t msg_uid(const struct pop3_msg *m, char *out, size_t cap)
-{
-    const char *b = m->name + 4;
-    size_t n = strcspn(b, ":");
-    if (n > 70) n = 70;               /* RFC 1939: 1 to 70 characters */
-    if (n >= cap) n = cap - 1;
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char ch = (unsigned char)b[i];
-        /* 0x21..0x7E only */
-        out[k++] = ch >= 0x21 && ch <= 0x7e ? (char)ch : '_';
-    }
-    out[k] = 0;
-    return k;
-}
-
-/* Read a message as it goes on the wire: CRLF lines, dot-stuffed, the
- * final "." line; top_lines >= 0 keeps the header and that many lines
- * of the body (RFC 1939 §7 TOP). */
-static void read_msg(struct pop3_job *j)
-{
-    FILE *f = fopen(j->path, "rb");
-    if (!f) {
-        j->err = -errno;
-        return;
-    }
-    struct bytebuf out = {0};
-    char line[8192];
     bool in_body = false;
     long body_lines = 0;
-    bool bol = true;
-    while (fgets(line, sizeof line, f)) {
-        size_t n = strlen(line);
-        bool eol = n > 0 && line[n - 1] == '\n';
-        if (eol) {
-            n--;
-            if (n > 0 && line[n - 1] == '\r') n--;
-        }
-        if (bol && j->top_lines >= 0 && in_body && body_lines >= j->top_lines) break;
-        if (bol && line[0] == '.') bytebuf_append(&out, ".", 1);   /* RFC 1939 §3 byte-stuffing */
-        bytebuf_append(&out, line, n);
-        if (eol) {
-            bytebuf_append(&out, "\r\n", 2);
-            if (bol && n == 0 && !in_body) in_body = true;
-            else if (in_body) body_lines++;
-        }
-        bol = eol;
+    size_t i = 0;
+    while (i < len) {
+        const char *nl = memchr(raw + i, '\n', len - i);
+        size_t end = nl ? (size_t)(nl - raw) : len;
+        size_t n = end - i;
+        if (n > 0 && raw[i + n - 1] == '\r') n--;
+        if (top_lines >= 0 && in_body && body_lines >= top_lines) break;
+        if (raw[i] == '.' && bytebuf_append(out, ".", 1) < 0) return -ENOMEM;
+        if (bytebuf_append(out, raw + i, n) < 0 || bytebuf_append(out, "\r\n", 2) < 0) return -ENOMEM;
+        if (!in_body && n == 0) in_body = true;
+        else if (in_body) body_lines++;
+        i = nl ? end + 1 : len;
     }
-    fclose(f);
-    if (!bol) bytebuf_append(&out, "\r\n", 2);
-    bytebuf_append(&out, ".\r\n", 3);
-    j->data = out.data;
-    j->len = out.len;
+    return bytebuf_append(out, ".\r\n", 3) < 0 ? -ENOMEM : 0;
 }
 
 static void job_work(struct offload_job *oj)
 {
     struct pop3_job *j = container_of(oj, struct pop3_job, job);
+    struct pop3_session *s = j->s;
+    struct store *st = s->w->eng->store;
     switch (j->kind) {
     case JOB_AUTH:
         j->ok = users_verify_password(j->hash, j->password) == 1;
         break;
-    case JOB_SCAN: {
-        size_t cap = 0;
-        scan_dir(j, j->path, "new", &cap);
-        scan_dir(j, j->path, "cur", &cap);
-        if (j->nmsgs) qsort(j->msgs, j->nmsgs, sizeof *j->msgs, msg_cmp);
+    case JOB_SCAN:
+        j->err = st->ops->open(st, s->mailbox, "INBOX", &j->mb);
+        break;
+    case JOB_READ: {
+        char *raw = NULL;
+        size_t rawlen = 0;
+        j->err = st->ops->read(s->mb, j->uid, &raw, &rawlen);
+        if (j->err == 0) {
+            struct bytebuf out = {0};
+            j->err = wire_format(raw, rawlen, j->top_lines, &out);
+            j->data = out.data;
+            j->len = out.len;
+        }
+        free(raw);
         break;
     }
-    case JOB_READ:
-        read_msg(j);
-        break;
     case JOB_UPDATE: {
-        struct pop3_session *s = j->s;
-        for (unsigned i = 0; i < s->nmsgs; i++) {
-            if (!s->msgs[i].deleted) continue;
-            char fp[4800];
-            snprintf(fp, sizeof fp, "%s/%s", s->dir, s->msgs[i].name);
-            /* Another client may have moved it to cur/ meanwhile. */
-            if (unlink(fp) < 0 && errno == ENOENT && strncmp(s->msgs[i].name, "new/", 4) == 0) {
-                DIR *d;
-                char cur[4300];
-                snprintf(cur, sizeof cur, "%s/cur", s->dir);
-                size_t bl = strlen(s->msgs[i].name + 4);
-                if ((d = opendir(cur))) {
-                    struct dirent *de;
-                    while ((de = readdir(d)))
-                        if (strncmp(de->d_name, s->msgs[i].name + 4, bl) == 0 &&
-                            (de->d_name[bl] == ':' || de->d_name[bl] == 0)) {
-                            snprintf(fp, sizeof fp, "%s/%s", cur, de->d_name);
-                            if (unlink(fp) < 0) j->err = -errno;
-                            break;
-                        }
-                    closedir(d);
-                }
-            } else if (errno && access(fp, F_OK) == 0) {
-                j->err = -errno;
-            }
+        uint32_t *uids = malloc((s->mb->n ? s->mb->n : 1) * sizeof *uids);
+        size_t n = 0;
+        if (!uids) {
+            j->err = -ENOMEM;
+            break;
         }
+        for (size_t i = 0; i < s->mb->n; i++)
+            if (s->deleted[i]) uids[n++] = s->mb->msgs[i].uid;
+        j->err = st->ops->expunge(s->mb, uids, n);
+        free(uids);
         break;
     }
     default:
@@ -345,9 +256,7 @@ static void job_free(struct pop3_job *j)
         explicit_bzero(j->password, strlen(j->password));
         free(j->password);
     }
-    for (unsigned i = 0; i < j->nmsgs; i++) free(j->msgs[i].name);
-    free(j->msgs);
-    free(j->path);
+    if (j->mb) j->mb->st->ops->close(j->mb);
     free(j->data);
     free(j);
 }
@@ -427,31 +336,28 @@ static void auth_result(struct pop3_session *s, bool ok)
         if (s->auth_failures >= POP3_MAX_AUTH_FAILURES) conn_close(&s->conn);
         return;
     }
-    const struct me_config *cfg = cfg_of(s);
-    const char *root = cfg->delivery && cfg->delivery->mail_dir ? cfg->delivery->mail_dir : NULL;
-    char rootbuf[4200], dir[4400];
-    if (!root) {
-        snprintf(rootbuf, sizeof rootbuf, "%s/mailboxes", cfg->data_dir);
-        root = rootbuf;
+    char mailbox[320];
+    if (!s->w->eng->store) {
+        reply(s, "-ERR [SYS/TEMP] no mailbox store is configured");
+        return;
     }
-    if (maildir_path(root, s->user, dir, sizeof dir) < 0) {
+    if (store_user_of(s->user, mailbox, sizeof mailbox) < 0) {
         reply(s, "-ERR [SYS/PERM] this user has no mailbox");
         return;
     }
-    if (!mailbox_lock(dir)) {
+    if (!mailbox_lock(mailbox)) {
         reply(s, "-ERR [IN-USE] mailbox in use by another session");
         return;
     }
-    s->dir = strdup(dir);
-    s->locked = s->dir != NULL;
-    if (!s->dir) {
-        mailbox_unlock(dir);
+    s->mailbox = strdup(mailbox);
+    s->locked = s->mailbox != NULL;
+    if (!s->mailbox) {
+        mailbox_unlock(mailbox);
         reply(s, "-ERR [SYS/TEMP] out of memory");
         return;
     }
     struct pop3_job *j = job_new(s, JOB_SCAN);
-    if (!j || !(j->path = strdup(dir))) {
-        if (j) job_free(j);
+    if (!j) {
         reply(s, "-ERR [SYS/TEMP] out of memory");
         return;
     }
@@ -460,14 +366,28 @@ static void auth_result(struct pop3_session *s, bool ok)
 
 static void scan_result(struct pop3_session *s, struct pop3_job *j)
 {
-    s->msgs = j->msgs;
-    s->nmsgs = j->nmsgs;
-    j->msgs = NULL;
-    j->nmsgs = 0;
+    if (j->err < 0 || !j->mb) {
+        s->state = P_AUTH;
+        log_warn("pop3", "cannot open the mailbox of %s: %s", s->mailbox, strerror(-j->err));
+        reply(s, "-ERR [SYS/TEMP] cannot open the mailbox");
+        mailbox_unlock(s->mailbox);
+        s->locked = false;
+        return;
+    }
+    s->deleted = calloc(j->mb->n ? j->mb->n : 1, sizeof *s->deleted);
+    if (!s->deleted) {
+        s->state = P_AUTH;
+        reply(s, "-ERR [SYS/TEMP] out of memory");
+        mailbox_unlock(s->mailbox);
+        s->locked = false;
+        return;
+    }
+    s->mb = j->mb;
+    j->mb = NULL;
     s->state = P_TRANS;
-    size_t total = 0;
-    for (unsigned i = 0; i < s->nmsgs; i++) total += s->msgs[i].size;
-    reply(s, "+OK %s has %u messages (%zu octets)", s->user, s->nmsgs, total);
+    uint64_t total = 0;
+    for (size_t i = 0; i < s->mb->n; i++) total += s->mb->msgs[i].size;
+    reply(s, "+OK %s has %zu messages (%llu octets)", s->user, s->mb->n, (unsigned long long)total);
 }
 
 static void b64_plain(struct pop3_session *s, const char *b64, size_t len)
@@ -529,14 +449,15 @@ static void capa(struct pop3_session *s)
     reply(s, ".");
 }
 
-static struct pop3_msg *msg_arg(struct pop3_session *s, const struct pop3_command *c, unsigned i)
+/* The message a command's argument numbers (1-based), or NULL (answered). */
+static struct store_msg *msg_arg(struct pop3_session *s, const struct pop3_command *c, unsigned i)
 {
     unsigned long n = pop3_number(c->arg[i], c->arg_len[i]);
-    if (n < 1 || n > s->nmsgs || s->msgs[n - 1].deleted) {
+    if (n < 1 || n > s->mb->n || s->deleted[n - 1]) {
         reply(s, "-ERR no such message");
         return NULL;
     }
-    return &s->msgs[n - 1];
+    return &s->mb->msgs[n - 1];
 }
 
 static void cmd_auth_state(struct pop3_session *s, const struct pop3_command *c)
@@ -627,75 +548,68 @@ static void cmd_trans_state(struct pop3_session *s, const struct pop3_command *c
         reply(s, "+OK");
         return;
     case POP3_STAT: {
-        unsigned n = 0;
-        size_t total = 0;
-        for (unsigned i = 0; i < s->nmsgs; i++)
-            if (!s->msgs[i].deleted) {
+        size_t n = 0;
+        uint64_t total = 0;
+        for (size_t i = 0; i < s->mb->n; i++)
+            if (!s->deleted[i]) {
                 n++;
-                total += s->msgs[i].size;
+                total += s->mb->msgs[i].size;
             }
-        reply(s, "+OK %u %zu", n, total);
+        reply(s, "+OK %zu %llu", n, (unsigned long long)total);
         return;
     }
     case POP3_LIST:
     case POP3_UIDL: {
+        /* UIDL (RFC 1939 §7): the store's stable id, for the Maildir
+         * store the file's base name, which stays when another client
+         * moves the file from new/ to cur/ or changes its flags. */
         bool uidl = c->cmd == POP3_UIDL;
-        char uid[80];
         if (c->nargs == 1) {
-            struct pop3_msg *m = msg_arg(s, c, 0);
+            struct store_msg *m = msg_arg(s, c, 0);
             if (!m) return;
-            unsigned i = (unsigned)(m - s->msgs) + 1;
-            if (uidl) {
-                msg_uid(m, uid, sizeof uid);
-                reply(s, "+OK %u %s", i, uid);
-            } else {
-                reply(s, "+OK %u %zu", i, m->size);
-            }
+            size_t i = (size_t)(m - s->mb->msgs) + 1;
+            if (uidl) reply(s, "+OK %zu %s", i, m->id);
+            else reply(s, "+OK %zu %llu", i, (unsigned long long)m->size);
             return;
         }
         reply(s, "+OK listing follows");
-        for (unsigned i = 0; i < s->nmsgs; i++) {
-            if (s->msgs[i].deleted) continue;
-            if (uidl) {
-                msg_uid(&s->msgs[i], uid, sizeof uid);
-                reply(s, "%u %s", i + 1, uid);
-            } else {
-                reply(s, "%u %zu", i + 1, s->msgs[i].size);
-            }
+        for (size_t i = 0; i < s->mb->n; i++) {
+            if (s->deleted[i]) continue;
+            if (uidl) reply(s, "%zu %s", i + 1, s->mb->msgs[i].id);
+            else reply(s, "%zu %llu", i + 1, (unsigned long long)s->mb->msgs[i].size);
         }
         reply(s, ".");
         return;
     }
     case POP3_RETR:
     case POP3_TOP: {
-        struct pop3_msg *m = msg_arg(s, c, 0);
+        struct store_msg *m = msg_arg(s, c, 0);
         if (!m) return;
         struct pop3_job *j = job_new(s, JOB_READ);
-        char fp[4800];
-        snprintf(fp, sizeof fp, "%s/%s", s->dir, m->name);
-        if (!j || !(j->path = strdup(fp))) {
-            if (j) job_free(j);
+        if (!j) {
             reply(s, "-ERR [SYS/TEMP] out of memory");
             return;
         }
+        j->uid = m->uid;
         if (c->cmd == POP3_TOP) j->top_lines = (long)pop3_number(c->arg[1], c->arg_len[1]);
         job_submit(s, j);
         return;
     }
     case POP3_DELE: {
-        struct pop3_msg *m = msg_arg(s, c, 0);
+        struct store_msg *m = msg_arg(s, c, 0);
         if (!m) return;
-        m->deleted = true;
-        reply(s, "+OK message %u deleted", (unsigned)(m - s->msgs) + 1);
+        size_t i = (size_t)(m - s->mb->msgs);
+        s->deleted[i] = true;
+        reply(s, "+OK message %zu deleted", i + 1);
         return;
     }
     case POP3_RSET:
-        for (unsigned i = 0; i < s->nmsgs; i++) s->msgs[i].deleted = false;
+        memset(s->deleted, 0, (s->mb->n ? s->mb->n : 1) * sizeof *s->deleted);
         reply(s, "+OK");
         return;
     case POP3_QUIT: {
         bool any = false;
-        for (unsigned i = 0; i < s->nmsgs; i++) any |= s->msgs[i].deleted;
+        for (size_t i = 0; i < s->mb->n; i++) any |= s->deleted[i];
         if (!any) {
             reply(s, "+OK mailengine POP3 server signing off");
             conn_close(&s->conn);

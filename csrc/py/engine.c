@@ -15,6 +15,7 @@
 #include "py/module.h"
 #include "queue/queue.h"
 #include "core/buf.h"
+#include "py/pystore.h"
 #include "store/aliases.h"
 #include "store/users.h"
 #include "tls/tls.h"
@@ -26,6 +27,7 @@ typedef struct {
     struct bridge bridge;
     int state;               /* 0 new, 1 running, 2 stopped */
     PyObject *request_type;
+    PyObject *store_adapter; /* a Python store (mailengine.storage), or NULL */
 } EngineObject;
 
 typedef struct {
@@ -473,6 +475,7 @@ static PyObject *engine_start_py(EngineObject *self, PyObject *unused)
     memset(&self->eng, 0, sizeof self->eng);
     self->eng.cfg = &self->cfg;
     self->eng.bridge = &self->bridge;
+    if (self->store_adapter && !(self->eng.store = pystore_new(self->store_adapter))) return PyErr_NoMemory();
     char err[512] = "";
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -483,6 +486,17 @@ static PyObject *engine_start_py(EngineObject *self, PyObject *unused)
         return NULL;
     }
     self->state = 1;
+    Py_RETURN_NONE;
+}
+
+/* set_store(adapter or None): the Python store replaces the Maildir one. */
+static PyObject *engine_set_store(EngineObject *self, PyObject *adapter)
+{
+    if (self->state != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the store is set before the engine starts");
+        return NULL;
+    }
+    Py_XSETREF(self->store_adapter, adapter == Py_None ? NULL : Py_NewRef(adapter));
     Py_RETURN_NONE;
 }
 
@@ -722,6 +736,7 @@ static void engine_dealloc(EngineObject *self)
     if (self->bridge.efd >= 0) bridge_destroy(&self->bridge);
     config_free(&self->cfg);
     Py_CLEAR(self->request_type);
+    Py_CLEAR(self->store_adapter);
     tp->tp_free(self);
     Py_DECREF(tp);
 }
@@ -729,6 +744,7 @@ static void engine_dealloc(EngineObject *self)
 static int engine_traverse(EngineObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->request_type);
+    Py_VISIT(self->store_adapter);
     Py_VISIT(Py_TYPE(self));
     return 0;
 }
@@ -737,6 +753,8 @@ static PyMethodDef engine_methods[] = {
     {"start", (PyCFunction)engine_start_py, METH_NOARGS,
      "Open every listener and start the workers; raises OSError naming what failed."},
     {"fileno", (PyCFunction)engine_fileno, METH_NOARGS, "The eventfd that signals pending requests."},
+    {"set_store", (PyCFunction)engine_set_store, METH_O,
+     "set_store(adapter): mailboxes kept by a Python store (before start)."},
     {"drain", (PyCFunction)engine_drain, METH_NOARGS, "Take every pending Request."},
     {"stop", (PyCFunction)engine_stop_py, METH_VARARGS,
      "stop(timeout=30.0): stop accepting, let transactions finish for up to timeout seconds."},

@@ -12,6 +12,7 @@
 #include "queue/queue.h"
 #include "queue/spool.h"
 #include "store/maildir.h"
+#include "store/store.h"
 #include "store/users.h"
 #include "tls/tls.h"
 
@@ -148,22 +149,40 @@ static PyObject *py_maildir_path(PyObject *mod, PyObject *args)
     return PyUnicode_FromString(buf);
 }
 
-static PyObject *py_maildir_deliver(PyObject *mod, PyObject *args)
+/* store_deliver(root, host, address, folder, prefix, message, quota_bytes=0,
+ * quota_messages=0) -> id: one delivery through the Maildir store (quota,
+ * folders), as the queue does it. OSError with the errno (EDQUOT: full). */
+static PyObject *py_store_deliver(PyObject *mod, PyObject *args)
 {
     (void)mod;
-    const char *dir, *host, *prefix, *msg;
+    const char *root, *host, *addr, *folder, *prefix, *msg;
     Py_ssize_t plen, mlen;
-    if (!PyArg_ParseTuple(args, "ssy#y#", &dir, &host, &prefix, &plen, &msg, &mlen)) return NULL;
-    char name[300];
+    unsigned long long qb = 0, qm = 0;
+    if (!PyArg_ParseTuple(args, "ssssy#y#|KK", &root, &host, &addr, &folder, &prefix, &plen, &msg, &mlen,
+                          &qb, &qm))
+        return NULL;
+    char user[320], id[STORE_ID_MAX];
+    if (store_user_of(addr, user, sizeof user) < 0) {
+        PyErr_Format(PyExc_ValueError, "%s cannot name a mailbox", addr);
+        return NULL;
+    }
+    struct store *st = mailstore_new(root, host);
+    if (!st) return PyErr_NoMemory();
+    struct store_quota q = {qb, qm};
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = maildir_deliver(dir, host, prefix, (size_t)plen, msg, (size_t)mlen, name, sizeof name);
+    rc = st->ops->deliver(st, user, folder, &q, prefix, (size_t)plen, msg, (size_t)mlen, id, sizeof id);
     Py_END_ALLOW_THREADS
+    st->ops->destroy(st);
+    if (rc == -EINVAL) {
+        PyErr_Format(PyExc_ValueError, "%s (folder %s) cannot name a mailbox", addr, folder);
+        return NULL;
+    }
     if (rc < 0) {
         errno = -rc;
-        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, dir);
+        return PyErr_SetFromErrno(PyExc_OSError);
     }
-    return PyUnicode_FromString(name);
+    return PyUnicode_FromString(id);
 }
 
 /* ---- passwords and certificates ---- */
@@ -238,8 +257,8 @@ static PyMethodDef module_methods[] = {
      "queue_mark(data_dir, id, 'H'|'U') -> True if marked (hold/release for the next start)"},
     {"maildir_path", py_maildir_path, METH_VARARGS,
      "maildir_path(root, address) -> the address's Maildir directory"},
-    {"maildir_deliver", py_maildir_deliver, METH_VARARGS,
-     "maildir_deliver(dir, host, prefix, message) -> file name in new/ (tmp, fsync, rename, fsync)"},
+    {"store_deliver", py_store_deliver, METH_VARARGS,
+     "store_deliver(root, host, address, folder, prefix, message, quota_bytes=0, quota_messages=0) -> id"},
     {"hash_password", py_hash_password, METH_VARARGS, "hash_password(password, rounds=0) -> str"},
     {"verify_password", py_verify_password, METH_VARARGS, "verify_password(stored, password) -> bool"},
     {"hash_is_known", py_hash_is_known, METH_VARARGS, "hash_is_known(stored) -> bool"},
@@ -261,6 +280,7 @@ static int module_exec(PyObject *mod)
         PyModule_AddIntConstant(mod, "EVENT_RECEIVED", EVENT_RECEIVED) < 0 ||
         PyModule_AddIntConstant(mod, "EVENT_DELIVERY", EVENT_DELIVERY) < 0 ||
         PyModule_AddIntConstant(mod, "HOOK_POLICY", HOOK_POLICY) < 0 ||
+        PyModule_AddIntConstant(mod, "HOOK_DELIVER", HOOK_DELIVER) < 0 ||
         PyModule_AddIntConstant(mod, "QOP_HOLD", QOP_HOLD) < 0 ||
         PyModule_AddIntConstant(mod, "QOP_RELEASE", QOP_RELEASE) < 0 ||
         PyModule_AddIntConstant(mod, "QOP_RETRY", QOP_RETRY) < 0 ||

@@ -29,7 +29,8 @@
 #include "queue/spool.h"
 #include "smtp/client.h"
 #include "smtp/dkim.h"
-#include "store/maildir.h"
+#include "store/store.h"
+#include "store/users.h"
 #include "tls/tls.h"
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
@@ -1794,52 +1795,105 @@ static void qc_txn_done(struct smtp_client *cl, struct smtp_txn *t)
     job_outcomes(qc->q, j, t->rcpt_out, cl->host, &cl->addr, timer_now_ms() - qc->txn_start_ms);
 }
 
-/* ---- local delivery into the Maildir store ---- */
+/* ---- local delivery into the mailbox store ---- */
+
+/* One local recipient of a job: what the deliver hook said, if there is
+ * one (else: INBOX). */
+struct local_rcpt {
+    struct local_job *lj;
+    int action;                    /* HOOK_ACCEPT, HOOK_REJECT, HOOK_TEMPFAIL */
+    unsigned code;
+    char text[512];                /* folder (accept) or reply text, as the hook reply holds */
+};
 
 struct local_job {
     struct offload_job job;
     struct queue *q;
     struct qjob *j;
     uint64_t start_ms;
+    unsigned hooks_pending;
+    struct local_rcpt *rc;
     struct smtp_outcome outs[];
 };
+
+/* "5.7.1 text" -> enh "5.7.1" and the text; else a default code. */
+static void outcome_from_reply(struct smtp_outcome *o, unsigned code, const char *text, bool temp)
+{
+    o->temp = temp;
+    o->code = code ? code : temp ? 451 : 550;
+    const char *t = text;
+    size_t n = strspn(t, "0123456789.");
+    if (n >= 5 && n < sizeof o->enh && t[0] == (temp ? '4' : '5') && t[1] == '.' && (t[n] == ' ' || !t[n])) {
+        memcpy(o->enh, t, n);
+        o->enh[n] = 0;
+        t += n;
+        while (*t == ' ') t++;
+    } else {
+        snprintf(o->enh, sizeof o->enh, "%s", temp ? "4.3.0" : "5.7.1");
+    }
+    snprintf(o->text, sizeof o->text, "%s", *t ? t : temp ? "deferred by the deliver hook"
+                                                        : "refused by the deliver hook");
+}
 
 static void local_work(struct offload_job *oj)
 {
     struct local_job *lj = container_of(oj, struct local_job, job);
     struct qjob *j = lj->j;
     struct qmsg *m = j->m;
-    const char *root = lj->q->dc->mail_dir;
+    struct store *st = lj->q->eng->store;
     for (unsigned k = 0; k < j->n; k++) {
         const char *addr = m->rcpt[j->idx[k]].addr;
         struct smtp_outcome *o = &lj->outs[k];
+        const struct local_rcpt *rc = &lj->rc[k];
         o->stage = STAGE_LOCAL;
-        char dir[4200], name[300], prefix[1200];
-        int rc = maildir_path(root, addr, dir, sizeof dir);
-        if (rc < 0) {
+        if (rc->action == HOOK_REJECT || rc->action == HOOK_TEMPFAIL) {
+            outcome_from_reply(o, rc->code, rc->text, rc->action == HOOK_TEMPFAIL);
+            continue;
+        }
+        char user[320], prefix[1200], id[STORE_ID_MAX];
+        if (store_user_of(addr, user, sizeof user) < 0) {
             o->temp = 0;
             snprintf(o->enh, sizeof o->enh, "5.1.3");
             snprintf(o->text, sizeof o->text, "%s cannot name a mailbox", addr);
             continue;
         }
+        struct store_quota quota = {0, 0};
+        users_quota(lj->q->cfg->users, user, strlen(user), &quota.bytes, &quota.messages);
         /* RFC 5321 §4.4: the final delivery records the envelope sender;
          * Delivered-To: is what local delivery agents add (loop detection). */
         int pl = snprintf(prefix, sizeof prefix, "Return-Path: <%s>\r\nDelivered-To: %s\r\n",
                           m->sender, addr);
         if (pl < 0 || (size_t)pl >= sizeof prefix) pl = 0;
-        rc = maildir_deliver(dir, lj->q->cfg->hostname, prefix, (size_t)pl, m->body, m->body_len,
-                             name, sizeof name);
-        if (rc == 0) {
+        const char *folder = rc->action == HOOK_ACCEPT && rc->text[0] ? rc->text : "INBOX";
+        int r = st->ops->deliver(st, user, folder, &quota, prefix, (size_t)pl, m->body, m->body_len,
+                                 id, sizeof id);
+        if (r == -EINVAL && strcmp(folder, "INBOX") != 0) {
+            log_warn("queue", "%s: the deliver hook named folder \"%.200s\" for %s, which cannot be "
+                     "a folder; delivering to INBOX", m->id, folder, user);
+            folder = "INBOX";
+            r = st->ops->deliver(st, user, folder, &quota, prefix, (size_t)pl, m->body, m->body_len,
+                                 id, sizeof id);
+        }
+        if (r == 0) {
             o->code = 250;
             snprintf(o->enh, sizeof o->enh, "2.0.0");
-            /* The file name, not the whole path: it fits the reply text. */
-            snprintf(o->text, sizeof o->text, "delivered to maildir as %.300s", name);
+            snprintf(o->text, sizeof o->text, "delivered to %.200s as %s", folder, id);
+        } else if (r == -EDQUOT) {
+            /* RFC 3463 4.2.2: mailbox full. Deferred; the queue's lifetime
+             * ends it in a bounce, as with any temporary failure. */
+            o->temp = 1;
+            o->code = 452;
+            snprintf(o->enh, sizeof o->enh, "4.2.2");
+            snprintf(o->text, sizeof o->text, "mailbox of %s is full (over quota)", user);
+        } else if (r == -EINVAL) {
+            o->temp = 0;
+            snprintf(o->enh, sizeof o->enh, "5.1.3");
+            snprintf(o->text, sizeof o->text, "%s cannot name a mailbox", addr);
         } else {
             o->temp = 1;
-            snprintf(o->enh, sizeof o->enh, "%s",
-                     rc == -EDQUOT ? "4.2.2" : rc == -ENOSPC ? "4.3.1" : "4.3.0");
+            snprintf(o->enh, sizeof o->enh, "%s", r == -ENOSPC ? "4.3.1" : "4.3.0");
             snprintf(o->text, sizeof o->text, "cannot write to the mailbox of %s: %s", addr,
-                     strerror(-rc));
+                     strerror(-r));
         }
     }
 }
@@ -1847,18 +1901,48 @@ static void local_work(struct offload_job *oj)
 static void local_done(struct loop *l, struct loop_msg *lm)
 {
     struct local_job *lj = container_of(lm, struct local_job, job.msg);
-    if (l->dead) {
-        free(lj);
+    if (!l->dead) job_outcomes(lj->q, lj->j, lj->outs, "local", NULL, timer_now_ms() - lj->start_ms);
+    free(lj->rc);
+    free(lj);
+}
+
+static void local_submit(struct local_job *lj)
+{
+    lj->job.msg.fn = local_done;
+    lj->job.loop = &lj->q->loop;
+    lj->job.work = local_work;
+    lj->job.outstanding = &lj->q->eng->offload_jobs;
+    offload_submit(&lj->job);
+}
+
+/* The deliver hook's answer for one recipient; the last one sends the job
+ * to the store. */
+static void deliver_reply(struct hook_req *r)
+{
+    struct local_rcpt *rc = r->owner;
+    struct local_job *lj = rc->lj;
+    if (r->loop->dead) {
+        hook_req_free(r);
+        if (--lj->hooks_pending == 0) {
+            free(lj->rc);
+            free(lj);
+        }
         return;
     }
-    job_outcomes(lj->q, lj->j, lj->outs, "local", NULL, timer_now_ms() - lj->start_ms);
-    free(lj);
+    rc->action = r->action == HOOK_REJECT || r->action == HOOK_TEMPFAIL ? r->action : HOOK_ACCEPT;
+    rc->code = (unsigned)r->code;
+    snprintf(rc->text, sizeof rc->text, "%s", r->text);
+    hook_req_free(r);
+    if (--lj->hooks_pending == 0) local_submit(lj);
 }
 
 static void local_start(struct queue *q, struct qjob *j)
 {
     struct local_job *lj = calloc(1, sizeof *lj + j->n * sizeof lj->outs[0]);
-    if (!lj) {
+    struct local_rcpt *rc = lj ? calloc(j->n, sizeof *rc) : NULL;
+    if (!lj || !rc || !q->eng->store) {
+        free(lj);
+        free(rc);
         j->state = J_WAIT;
         timer_arm(&q->loop.timers, &j->timer, 1000);
         return;
@@ -1867,12 +1951,45 @@ static void local_start(struct queue *q, struct qjob *j)
     j->attempts++;
     lj->q = q;
     lj->j = j;
+    lj->rc = rc;
     lj->start_ms = timer_now_ms();
-    lj->job.msg.fn = local_done;
-    lj->job.loop = &q->loop;
-    lj->job.work = local_work;
-    lj->job.outstanding = &q->eng->offload_jobs;
-    offload_submit(&lj->job);
+    for (unsigned k = 0; k < j->n; k++) rc[k].lj = lj;
+    if (!(q->cfg->hooks & (1u << HOOK_DELIVER)) || !q->eng->bridge) {
+        local_submit(lj);
+        return;
+    }
+    /* deliver(user, message) -> folder or Reject: one call per recipient,
+     * the message bytes shared (the job keeps the message alive). */
+    lj->hooks_pending = j->n + 1;
+    struct qmsg *m = j->m;
+    for (unsigned k = 0; k < j->n; k++) {
+        char user[320];
+        const char *addr = m->rcpt[j->idx[k]].addr;
+        if (store_user_of(addr, user, sizeof user) < 0) snprintf(user, sizeof user, "%s", addr);
+        const char *args[HARG_COUNT] = {0};
+        size_t lens[HARG_COUNT] = {0};
+        args[HARG_1] = user;
+        lens[HARG_1] = strlen(user);
+        args[HARG_2] = addr;
+        lens[HARG_2] = strlen(addr);
+        args[HARG_3] = m->id;
+        lens[HARG_3] = strlen(m->id);
+        struct hook_req *r = hook_req_new(HOOK_DELIVER, args, lens);
+        if (!r) {
+            rc[k].action = HOOK_TEMPFAIL;
+            rc[k].code = 451;
+            snprintf(rc[k].text, sizeof rc[k].text, "4.3.0 out of memory for the deliver hook");
+            lj->hooks_pending--;
+            continue;
+        }
+        r->data = m->body;
+        r->data_len = m->body_len;
+        r->loop = &q->loop;
+        r->done = deliver_reply;
+        r->owner = &rc[k];
+        bridge_submit(q->eng->bridge, r);
+    }
+    if (--lj->hooks_pending == 0) local_submit(lj);
 }
 
 static void qc_failed(struct smtp_client *cl, const struct smtp_outcome *why)

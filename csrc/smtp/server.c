@@ -21,6 +21,7 @@
 #include "queue/spool.h"
 #include "smtp/parse.h"
 #include "store/aliases.h"
+#include "store/store.h"
 #include "store/users.h"
 #include "tls/tls.h"
 
@@ -71,6 +72,7 @@ struct smtp_session {
     unsigned auth_failures;
     unsigned nrcpt;
     unsigned last_rcpt_lines;         /* envelope lines the last RCPT added (aliases) */
+    uint64_t declared_size;           /* MAIL FROM SIZE=, 0 when not given */
     uint32_t txn_flags;
     uint64_t session_deadline;        /* timer_now_ms() based */
     size_t bdat_left;
@@ -133,6 +135,7 @@ static void txn_reset(struct smtp_session *s)
     bytebuf_free(&s->msg);
     bytebuf_free(&s->rcvd);
     s->nrcpt = 0;
+    s->declared_size = 0;
     s->txn_flags = 0;
     s->bdat_left = 0;
     s->bdat_last = false;
@@ -392,6 +395,7 @@ static void cmd_mail(struct smtp_session *s, const struct smtp_cmd *c)
         return;
     }
     uint32_t flags = 0;
+    uint64_t size = 0;
     unsigned bad = 0;
     for (unsigned i = 0; i < c->nparams; i++) {
         const struct smtp_param *p = &c->params[i];
@@ -407,6 +411,7 @@ static void cmd_mail(struct smtp_session *s, const struct smtp_cmd *c)
                 session_reply(s, "552 5.3.4 Message size exceeds fixed limit");
                 return;
             }
+            size = v;
         } else if (smtp_param_is(p, "BODY")) {
             if (!p->val) goto bad_param;
             if (p->val_len == 8 && strncasecmp(p->val, "8BITMIME", 8) == 0) flags |= TXN_8BIT;
@@ -449,6 +454,7 @@ static void cmd_mail(struct smtp_session *s, const struct smtp_cmd *c)
     size_t plen = params ? (size_t)(c->arg + c->arg_len - params) : 0;
     if (env_add(s, 'F', c->addr, c->addr_len, params, plen) < 0) goto oom;
     s->txn_flags = flags;
+    s->declared_size = size;
     if (hook_wanted(s, HOOK_MAIL)) {
         if (hook_call(s, HOOK_MAIL, c->addr, c->addr_len, params, plen, NULL, 0, after_mail) < 0)
             goto oom;
@@ -536,6 +542,123 @@ static int rcpt_add_aliased(struct smtp_session *s, const char *addr, size_t ale
         s->last_rcpt_lines++;
     }
     return 0;
+}
+
+/* ---- RCPT: mailbox quota (RFC 2034/3463 4.2.2, mailbox full) ---- */
+
+#define QUOTA_CHECK_MAX 8             /* local users with a quota checked per RCPT */
+
+struct quota_job {
+    struct offload_job job;
+    struct smtp_session *s;
+    unsigned n;
+    char user[QUOTA_CHECK_MAX][320];
+    struct store_quota q[QUOTA_CHECK_MAX];
+    uint64_t size;
+    int full;                         /* index+1 of the first full mailbox */
+    char *addr, *params;              /* the RCPT, for the hook that follows */
+    size_t alen, plen;
+};
+
+static void rcpt_accepted(struct smtp_session *s, const char *addr, size_t alen, const char *params,
+                          size_t plen)
+{
+    if (hook_wanted(s, HOOK_RCPT)) {
+        if (hook_call(s, HOOK_RCPT, addr, alen, params, plen, NULL, 0, after_rcpt) < 0) {
+            rcpt_undo(s);
+            session_reply(s, "451 4.3.0 Error: out of memory");
+        }
+        return;
+    }
+    session_reply(s, "250 2.1.5 Ok");
+}
+
+static void quota_job_work(struct offload_job *oj)
+{
+    struct quota_job *qj = container_of(oj, struct quota_job, job);
+    struct store *st = qj->s->w->eng->store;
+    for (unsigned i = 0; i < qj->n && !qj->full; i++)
+        if (st->ops->quota_check(st, qj->user[i], &qj->q[i], qj->size) == -EDQUOT) qj->full = (int)i + 1;
+}
+
+static void quota_job_done(struct loop *l, struct loop_msg *m)
+{
+    (void)l;
+    struct quota_job *qj = container_of(m, struct quota_job, job.msg);
+    struct smtp_session *s = qj->s;
+    s->pending = false;
+    if (s->closed || s->w->loop.dead || conn_closing(&s->conn)) {
+        if (s->closed) session_free(s);
+    } else {
+        s->state = ST_CMD;
+        if (qj->full) {
+            rcpt_undo(s);
+            session_reply(s, "452 4.2.2 <%.*s>: Recipient address rejected: Mailbox full",
+                          (int)(qj->alen > 256 ? 256 : qj->alen), qj->addr);
+        } else {
+            rcpt_accepted(s, qj->addr, qj->alen, qj->params, qj->plen);
+        }
+        if (!conn_closing(&s->conn) && s->state == ST_CMD) session_input_resume(s);
+    }
+    free(qj->addr);
+    free(qj->params);
+    free(qj);
+}
+
+/* The local users with a quota among the envelope lines the RCPT just
+ * added; true when a check went to the offload thread (it answers). */
+static bool rcpt_quota_start(struct smtp_session *s, const char *addr, size_t alen, const char *params,
+                             size_t plen)
+{
+    struct me_config *cfg = cfg_of(s);
+    struct store *st = s->w->eng->store;
+    if (!st || !cfg->users || s->last_rcpt_lines == 0) return false;
+    struct quota_job *qj = NULL;
+    const char *env = bytebuf_head(&s->env), *end = env + bytebuf_used(&s->env);
+    const char *p = end;
+    for (unsigned k = 0; k < s->last_rcpt_lines && p > env; k++) {
+        const char *ls = p - 1;
+        while (ls > env && ls[-1] != '\n') ls--;
+        const char *a = ls + 2, *ae = a;
+        while (ae < p && *ae != '\t' && *ae != '\n') ae++;
+        p = ls;
+        const char *at = memrchr(a, '@', (size_t)(ae - a));
+        char user[320];
+        struct store_quota q;
+        if (!at || (size_t)(ae - a) >= sizeof user) continue;
+        memcpy(user, a, (size_t)(ae - a));
+        user[ae - a] = 0;
+        if (!config_is_local_domain(cfg, at + 1, (size_t)(ae - at - 1)) ||
+            store_user_of(user, user, sizeof user) < 0 ||
+            !users_quota(cfg->users, user, strlen(user), &q.bytes, &q.messages) || !(q.bytes || q.messages))
+            continue;
+        if (!qj && !(qj = calloc(1, sizeof *qj))) return false;
+        if (qj->n == QUOTA_CHECK_MAX) break;
+        snprintf(qj->user[qj->n], sizeof qj->user[0], "%s", user);
+        qj->q[qj->n++] = q;
+    }
+    if (!qj) return false;
+    qj->addr = strndup(addr, alen);
+    qj->params = params ? strndup(params, plen) : NULL;
+    if (!qj->addr || (params && !qj->params)) {
+        free(qj->addr);
+        free(qj->params);
+        free(qj);
+        return false;               /* unchecked: delivery still enforces it */
+    }
+    qj->alen = alen;
+    qj->plen = plen;
+    qj->s = s;
+    qj->size = s->declared_size;
+    qj->job.loop = &s->w->loop;
+    qj->job.work = quota_job_work;
+    qj->job.msg.fn = quota_job_done;
+    qj->job.outstanding = &s->w->eng->offload_jobs;
+    s->pending = true;
+    s->state = ST_WAIT;
+    conn_suspend(&s->conn);
+    offload_submit(&qj->job);
+    return true;
 }
 
 static void cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
@@ -639,14 +762,8 @@ static void cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
         s->nrcpt++;
         s->last_rcpt_lines = 1;
     }
-    if (hook_wanted(s, HOOK_RCPT)) {
-        if (hook_call(s, HOOK_RCPT, addr, alen, params, plen, NULL, 0, after_rcpt) < 0) {
-            rcpt_undo(s);
-            session_reply(s, "451 4.3.0 Error: out of memory");
-        }
-        return;
-    }
-    session_reply(s, "250 2.1.5 Ok");
+    if (rcpt_quota_start(s, addr, alen, params, plen)) return;
+    rcpt_accepted(s, addr, alen, params, plen);
     return;
 bad_param:
     session_reply(s, "501 5.5.4 Bad parameter: %.*s", (int)c->params[bad].key_len, c->params[bad].key);
