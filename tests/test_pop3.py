@@ -218,3 +218,43 @@ def test_limits_auth_failures_errors_and_long_lines(server):
     assert f.readline().startswith(b"-ERR line too long")
     assert f.readline() == b""
     t.close()
+
+
+def test_auth_hook_serves_pop3_too(tmp_path, ports):
+    """The auth hook of SMTP AUTH decides POP3 logins too: True logs in
+    (even a user the table does not know), False refuses, None leaves it
+    to the user table; it sees the POP3 listener and the mechanism."""
+    calls = []
+
+    def auth(session, mechanism, username, password):
+        calls.append((session.listener, mechanism, username, session.tls))
+        if username == "hooked@example.test":
+            return password == "magic"
+        return None
+
+    pop3 = free_port()
+    cfg = make_config(tmp_path / "data", ports, delivery_enabled=True, dns="127.0.0.1:9",
+                      allow_plain_auth=True)
+    cfg.listeners.append(Listener("pop3", HOST, pop3, name="pop"))
+    eng = Engine(cfg, events=False)
+    eng.set_hook("auth", auth)
+    eng.start()
+    try:
+        p = poplib.POP3(HOST, pop3, timeout=10)
+        p.user("hooked@example.test")
+        assert p.pass_("magic").startswith(b"+OK")
+        assert p.stat() == (0, 0)
+        p.quit()
+        p = poplib.POP3(HOST, pop3, timeout=10)
+        p.user("hooked@example.test")
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+            p.pass_("wrong")
+        # None: the user table decides (AUTH PLAIN here).
+        cred = base64.b64encode(b"\0alice@example.test\0secret").decode()
+        assert p._shortcmd(f"AUTH PLAIN {cred}").startswith(b"+OK")
+        p.quit()
+        assert calls == [("pop", "USER", "hooked@example.test", False),
+                         ("pop", "USER", "hooked@example.test", False),
+                         ("pop", "PLAIN", "alice@example.test", False)]
+    finally:
+        eng.stop()

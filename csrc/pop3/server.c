@@ -22,6 +22,7 @@
 #include "core/timer.h"
 #include "core/worker.h"
 #include "pop3/parse.h"
+#include "py/bridge.h"
 #include "queue/queue.h"
 #include "store/store.h"
 #include "store/users.h"
@@ -307,12 +308,11 @@ static void job_done(struct loop *l, struct loop_msg *lm)
 
 /* ---- authorization ---- */
 
-static void start_auth(struct pop3_session *s, const char *user, size_t ulen, const char *pass,
-                       size_t plen)
+/* The user table, on the offload thread. */
+static void auth_builtin(struct pop3_session *s, const char *user, size_t ulen, const char *pass,
+                         size_t plen)
 {
     const struct me_config *cfg = cfg_of(s);
-    free(s->user);
-    s->user = strndup(user, ulen);
     const char *hash = users_find(cfg->users, user, ulen);
     struct pop3_job *j = job_new(s, JOB_AUTH);
     if (!s->user || !j || !(j->password = strndup(pass, plen))) {
@@ -325,6 +325,79 @@ static void start_auth(struct pop3_session *s, const char *user, size_t ulen, co
     static const char dummy[] = "{PLAIN}\x01not-a-password";
     j->hash = hash ? hash : dummy;
     job_submit(s, j);
+}
+
+/* The auth hook's answer (the same hook as SMTP AUTH's): authenticated,
+ * refused, or Accept/None to let the user table decide. */
+static void auth_hook_done(struct hook_req *r)
+{
+    struct pop3_session *s = r->owner;
+    s->pending = false;
+    if (s->closed || s->w->loop.dead || conn_closing(&s->conn)) {
+        bool closed = s->closed;
+        explicit_bzero((char *)r->args[HARG_3], r->arg_lens[HARG_3]);
+        hook_req_free(r);
+        if (closed) session_free(s);
+        return;
+    }
+    s->state = P_AUTH;
+    switch (r->action) {
+    case HOOK_AUTHENTICATED:
+        auth_result(s, true);
+        break;
+    case HOOK_ACCEPT:
+        auth_builtin(s, r->args[HARG_2], r->arg_lens[HARG_2], r->args[HARG_3], r->arg_lens[HARG_3]);
+        break;
+    case HOOK_TEMPFAIL:
+        reply(s, "-ERR [SYS/TEMP] %s", r->text[0] ? r->text : "try again later");
+        break;
+    default:
+        auth_result(s, false);
+    }
+    explicit_bzero((char *)r->args[HARG_3], r->arg_lens[HARG_3]);
+    hook_req_free(r);
+    if (!conn_closing(&s->conn) && !s->pending) conn_resume(&s->conn);
+}
+
+static void start_auth(struct pop3_session *s, const char *mech, const char *user, size_t ulen,
+                       const char *pass, size_t plen)
+{
+    const struct me_config *cfg = cfg_of(s);
+    free(s->user);
+    s->user = strndup(user, ulen);
+    if (!s->user) {
+        reply(s, "-ERR [SYS/TEMP] out of memory");
+        return;
+    }
+    if (!(cfg->hooks & (1u << HOOK_AUTH)) || !s->w->eng->bridge) {
+        auth_builtin(s, user, ulen, pass, plen);
+        return;
+    }
+    const char *args[HARG_COUNT] = {0};
+    size_t lens[HARG_COUNT] = {0};
+    char idbuf[32], ipbuf[64];
+    snprintf(idbuf, sizeof idbuf, "%02xp%07x", s->w->id, (unsigned)(uintptr_t)s & 0xfffffff);
+    conn_addr_str(&s->conn.peer, ipbuf, sizeof ipbuf);
+    args[HARG_SESSION_ID] = idbuf, lens[HARG_SESSION_ID] = strlen(idbuf);
+    args[HARG_PEER_IP] = ipbuf, lens[HARG_PEER_IP] = strlen(ipbuf);
+    args[HARG_LISTENER] = s->lc->name, lens[HARG_LISTENER] = strlen(s->lc->name);
+    args[HARG_1] = mech, lens[HARG_1] = strlen(mech);
+    args[HARG_2] = user, lens[HARG_2] = ulen;
+    args[HARG_3] = pass, lens[HARG_3] = plen;
+    struct hook_req *r = hook_req_new(HOOK_AUTH, args, lens);
+    if (!r) {
+        reply(s, "-ERR [SYS/TEMP] out of memory");
+        return;
+    }
+    r->loop = &s->w->loop;
+    r->done = auth_hook_done;
+    r->owner = s;
+    r->peer_port = s->conn.peer.port;
+    r->tls = conn_is_tls(&s->conn);
+    s->pending = true;
+    s->state = P_WAIT;
+    conn_suspend(&s->conn);
+    bridge_submit(s->w->eng->bridge, r);
 }
 
 static void auth_result(struct pop3_session *s, bool ok)
@@ -423,7 +496,7 @@ static void b64_plain(struct pop3_session *s, const char *b64, size_t len)
         reply(s, "-ERR [AUTH] authorization identity not allowed");
         return;
     }
-    start_auth(s, user, ulen, (const char *)z2 + 1, (size_t)(buf + n - (z2 + 1)));
+    start_auth(s, "PLAIN", user, ulen, (const char *)z2 + 1, (size_t)(buf + n - (z2 + 1)));
     explicit_bzero(buf, sizeof buf);
 }
 
@@ -507,7 +580,7 @@ static void cmd_auth_state(struct pop3_session *s, const struct pop3_command *c)
         {
             char *u = s->user;
             s->user = NULL;
-            start_auth(s, u, strlen(u), c->rest, c->rest_len);
+            start_auth(s, "USER", u, strlen(u), c->rest, c->rest_len);
             free(u);
         }
         return;
