@@ -255,6 +255,8 @@ def _user(args: argparse.Namespace) -> int:
     if args.action == "quota":
         try:
             size = parse_size(args.size, "quota")
+            if args.messages < 0:
+                raise ConfigError("--messages", "must not be negative")
         except ConfigError as e:
             print(f"mailengine: {e}", file=sys.stderr)
             return 2
@@ -272,6 +274,9 @@ def _user(args: argparse.Namespace) -> int:
         return 0
     if "@" not in args.address:
         print(f"mailengine: {args.address!r} is not an address", file=sys.stderr)
+        return 2
+    if args.action == "add" and (args.quota_messages or 0) < 0:
+        print("mailengine: --quota-messages must not be negative", file=sys.stderr)
         return 2
     if args.password_stdin or not sys.stdin.isatty():
         pw = sys.stdin.readline().rstrip("\n")

@@ -218,6 +218,10 @@ class Config:
             kw["limits"] = Limits(**lim)
         return cls(**kw)
 
+    def store_dir(self) -> str:
+        """The Maildir store's root: mail_dir, or DATA/mailboxes."""
+        return os.path.abspath(self.mail_dir or os.path.join(str(self.data_dir), "mailboxes"))
+
     def _alias_pairs(self) -> list[tuple[str, str]]:
         """Checked (key, target) pairs of the aliases, in lower case."""
         if not isinstance(self.aliases, dict):
@@ -363,8 +367,8 @@ class Config:
             relay = {f.name: getattr(self.relay, f.name) for f in fields(Relay)}
         return {
             "enabled": self.delivery_enabled,
-            "mail_dir": (os.path.abspath(self.mail_dir or os.path.join(str(self.data_dir), "mailboxes"))
-                         if self.local_delivery else None),
+            "mail_dir": self.store_dir() if self.local_delivery else None,
+            "store_dir": self.store_dir(),
             "events_to_python": events_to_python,
             "dns": self.dns,
             "remote_port": self.remote_port,

@@ -157,7 +157,7 @@ class Engine:
         self._check_pool(pool)
         item = (envelope_bytes(sender, recipients, pool, tags),
                 self._message(message))
-        ids = core.submit([item])
+        ids = self._submit(core, [item])
         if not ids or ids[0] is None:
             raise SendError("the spool could not store the message (see the log)")
         return ids[0]
@@ -199,7 +199,10 @@ class Engine:
 
     @staticmethod
     def _submit(core: Any, chunk: list[tuple[bytes, bytes]]) -> list[str]:
-        got = core.submit(chunk)
+        try:
+            got = core.submit(chunk)
+        except ValueError as e:        # an alias that loops
+            raise SendError(str(e)) from None
         if any(i is None for i in got):
             raise SendError(f"the spool could not store {sum(i is None for i in got)} message(s)")
         return got

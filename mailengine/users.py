@@ -5,6 +5,7 @@ add|del|list|passwd`` and read at start in addition to ``Config.users``."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from .config import User, parse_size
 from .errors import ConfigError
 
 FILE_NAME = "users"
+_EXTRA = re.compile(r"quota(_messages)?=\S*")
 
 
 def user_file(data_dir: str) -> Path:
@@ -33,18 +35,24 @@ def load(data_dir: str) -> list[User]:
         if not line or line.startswith("#"):
             continue
         addr, sep, rest = line.partition(":")
-        hashed, *extra = rest.split()
+        # The hash, then optional "quota=..." and "quota_messages=..." words
+        # (a {PLAIN} hash may hold spaces itself).
+        words = rest.split(" ")
+        extra: list[str] = []
+        while words and _EXTRA.fullmatch(words[-1]):
+            extra.insert(0, words.pop())
+        hashed = " ".join(words).strip()
         if not sep or "@" not in addr or not hashed:
             raise ConfigError("users", f"{path}:{n}: expected address:hash")
-        u = User(addr.strip().lower(), hashed.strip())
+        u = User(addr.strip().lower(), hashed)
         for word in extra:
-            key, eq, value = word.partition("=")
-            if key == "quota" and eq:
-                u.quota = parse_size(value, f"{path}:{n}: quota")
-            elif key == "quota_messages" and eq and value.isdigit():
+            key, _, value = word.partition("=")
+            if key == "quota":
+                u.quota = parse_size(value, f"users: {path}:{n}: quota")
+            elif value.isdigit():
                 u.quota_messages = int(value)
             else:
-                raise ConfigError("users", f"{path}:{n}: unknown field {word!r}")
+                raise ConfigError("users", f"{path}:{n}: quota_messages={value!r} is not a count")
         users.append(u)
     return users
 
@@ -90,6 +98,8 @@ def set_password(data_dir: str, address: str, hashed: str, *, create: bool) -> b
 
 def set_quota(data_dir: str, address: str, quota: int, quota_messages: int) -> bool:
     """Change a user's quota (0: unlimited); False when there is no such user."""
+    if quota < 0 or quota_messages < 0:
+        raise ConfigError("quota", "must not be negative")
     address = address.strip().lower()
     users = load(data_dir)
     found = False

@@ -87,7 +87,10 @@ def test_catch_all_users_first_and_domain_alias(tmp_path, ports):
 def test_unknown_user_loop_and_self_copy(tmp_path, ports):
     eng = start(tmp_path, ports, {"a@example.test": "b@example.test",
                                   "b@example.test": ["a@example.test"],
-                                  "team@example.test": ["team@example.test", "bob@example.test"]})
+                                  "alice@example.test": ["alice@example.test", "bob@example.test"],
+                                  "typo@example.test": "nosuchuser@example.test",
+                                  "@old.test": "@example.test"},
+                domains=["example.test", "old.test"])
     try:
         with smtplib.SMTP(HOST, ports.mx, timeout=10) as s:
             s.ehlo()
@@ -96,12 +99,23 @@ def test_unknown_user_loop_and_self_copy(tmp_path, ports):
             assert code == 550 and b"5.4.6" in text
             code, text = s.rcpt("stranger@example.test")
             assert code == 550 and b"5.1.1" in text
-            code, _ = s.rcpt("team@example.test")
+            # What an alias leads to must be a user too (no catch-all here):
+            # a mistyped target, a domain alias onto nobody.
+            for unknown in ("typo@example.test", "ghost@old.test"):
+                code, text = s.rcpt(unknown)
+                assert code == 550 and b"5.1.1" in text, unknown
+            code, _ = s.rcpt("alice@example.test")
             assert code == 250
             code, _ = s.data(b"Subject: team\r\n\r\nx\r\n")
             assert code == 250
-        wait_count(mailbox(tmp_path, "team"), 1)
+        wait_count(mailbox(tmp_path, "alice"), 1)         # the alias keeps a copy
         wait_count(mailbox(tmp_path, "bob"), 1)
+        assert not mailbox(tmp_path, "nosuchuser").exists()
+        assert not mailbox(tmp_path, "ghost").exists()
+        # send() refuses an alias that loops, naming it.
+        from mailengine import SendError
+        with pytest.raises(SendError, match="a@example.test loops"):
+            eng.send(b"Subject: x\r\n\r\nx\r\n", sender="x@sender.test", recipients=["a@example.test"])
     finally:
         eng.stop()
 

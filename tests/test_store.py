@@ -75,6 +75,8 @@ def test_deliver_hook_files_refuses_and_defers(tmp_path, ports, asynchronous):
             return Reject(550, "5.7.1 we do not want this")
         if b"Subject: later" in message:
             return TempFail(451, "4.7.1 try later")
+        if b"Subject: soft" in message:
+            return Reject(450, "4.2.0 a 4xx Reject defers too")
         if b"Subject: bad folder" in message:
             return "../escape"
         return None
@@ -86,7 +88,7 @@ def test_deliver_hook_files_refuses_and_defers(tmp_path, ports, asynchronous):
     srv = Srv(tmp_path, ports, hooks={"deliver": decide_async if asynchronous else decide},
               retry_min=30.0)
     try:
-        for subject in ("plain", "spam", "nested", "refuse", "later", "bad folder"):
+        for subject in ("plain", "spam", "nested", "refuse", "later", "bad folder", "soft"):
             srv.send("Alice+tag@example.test", msg(subject))
         alice = srv.root / "alice"
         wait_until(lambda: len(files(alice / "new")) == 2, 10, "INBOX mail")
@@ -101,8 +103,12 @@ def test_deliver_hook_files_refuses_and_defers(tmp_path, ports, asynchronous):
         bounced = srv.wait_event("bounced")
         assert bounced[0].code == 550 and bounced[0].enhanced == "5.7.1"
         assert "we do not want this" in bounced[0].text
-        deferred = [e for e in srv.wait_event("deferred") if e.recipient == "Alice+tag@example.test"]
-        assert deferred and deferred[0].enhanced == "4.7.1"
+        wait_until(lambda: len([e for e in srv.events if e.type == "deferred"
+                                and e.recipient == "Alice+tag@example.test"]) >= 2, 10, "two deferrals")
+        deferred = sorted(e.enhanced for e in srv.events
+                          if e.type == "deferred" and e.recipient == "Alice+tag@example.test")
+        assert deferred == ["4.2.0", "4.7.1"]
+        assert len([e for e in srv.events if e.type == "bounced"]) == 1
         assert all(u == "alice@example.test" and r == "Alice+tag@example.test" for u, r in seen)
     finally:
         srv.engine.stop()
@@ -216,20 +222,42 @@ def test_python_store_quota_and_failures(tmp_path, ports):
             return super().deliver(user, folder, message)
 
     store = Flaky(quota=9000)
-    srv = Srv(tmp_path, ports, store=store, retry_min=0.3, retry_max=0.3)
+    folders_seen = []
+    orig = store.deliver
+
+    def deliver_spy(user, folder, message):
+        folders_seen.append(folder)
+        return orig(user, folder, message)
+
+    store.deliver = deliver_spy
+    srv = Srv(tmp_path, ports, store=store, retry_min=0.3, retry_max=0.3,
+              hooks={"deliver": lambda user, message: "../escape" if b"Subject: esc" in message else None})
     try:
         srv.send("alice@example.test", msg("flaky"))
         # A store that raises defers the message; the retry delivers it.
         d = srv.wait_event("deferred")
         assert d[0].enhanced == "4.3.0"
         wait_until(lambda: len(store.list("alice@example.test", "INBOX")) == 1, 10, "retried delivery")
-        srv.send("alice@example.test", msg("big", size=9000))
+        with smtplib.SMTP(HOST, ports.mx, timeout=10) as s:   # no SIZE=: the RCPT check lets it in
+            s.ehlo()
+            s.mail("x@sender.test")
+            s.rcpt("alice@example.test")
+            assert s.data(msg("big", size=9000))[0] == 250
         d = srv.wait_event("deferred", 2)
         assert d[1].enhanced == "4.2.2"
+        # The store's own check_quota is asked at RCPT with the announced size.
         with smtplib.SMTP(HOST, ports.mx, timeout=10) as s:
             s.ehlo()
             s.mail("x@sender.test", ["SIZE=9000"])
-            assert s.rcpt("alice@example.test")[0] == 250   # no configured quota: the store decides at delivery
+            code, text = s.rcpt("alice@example.test")
+            assert code == 452 and b"4.2.2" in text
+            s.rset()
+            s.mail("x@sender.test", ["SIZE=100"])
+            assert s.rcpt("alice@example.test")[0] == 250
+            assert s.data(msg("esc"))[0] == 250
+        # A folder name that cannot be one never reaches the store.
+        wait_until(lambda: len(folders_seen) >= 3, 10, "the esc delivery")
+        assert "../escape" not in folders_seen and folders_seen[-1] == "INBOX"
     finally:
         srv.engine.stop()
 
@@ -300,3 +328,32 @@ def test_deliver_command_folders_and_quota(tmp_path):
     assert not files(eve / "new")
     r = run_cli("deliver", "--data", data, "--folder", "a..b", "eve@example.test", input="x\n")
     assert r.returncode == 64
+
+
+def test_pop3_without_local_delivery_and_a_foreign_maildirsize(tmp_path, ports):
+    """Another MTA delivers (here `mailengine deliver`), mailengine only
+    serves POP3 (local_delivery off); a maildirsize another tool keeps is
+    kept in step by our deliveries and deletions."""
+    data = tmp_path / "data"
+    alice = data / "mailboxes" / "example.test" / "alice"
+    alice.mkdir(parents=True)
+    (alice / "maildirsize").write_text("1000000S\n0 0\n")
+    for i in range(2):
+        r = run_cli("deliver", "--data", str(data), "alice@example.test", input=f"Subject: m{i}\n\nbody\n")
+        assert r.returncode == 0, r.stderr
+    lines = (alice / "maildirsize").read_text().splitlines()
+    assert lines[0] == "1000000S" and len(lines) == 4 and lines[2].endswith(" 1")
+    srv = Srv(tmp_path, ports, local_delivery=False)
+    try:
+        p = srv.pop()
+        assert p.stat()[0] == 2
+        size1 = int(p.list(1).split()[2])
+        p.dele(1)
+        p.quit()
+        assert (alice / "maildirsize").read_text().splitlines()[-1] == f"-{size1} -1"
+        # Local mail stays queued: POP3 works without local delivery.
+        srv.send("alice@example.test", msg("queued"))
+        time.sleep(0.3)
+        assert len(files(alice / "new")) + len(files(alice / "cur")) == 1
+    finally:
+        srv.engine.stop()

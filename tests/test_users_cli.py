@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import free_port, make_config
+from conftest import free_port, make_config, run_cli
 from smtpclient import client_tls
 from mailengine import Engine, Listener
 
@@ -65,3 +65,28 @@ def test_user_commands_feed_smtp_auth_and_pop3(tmp_path, ports):
     assert user_cmd(data, "del", "carol@example.test").returncode == 1
     assert not login_ok("pw-two")
     assert user_cmd(data, "passwd", "nobody@example.test", password="x").returncode == 1
+
+
+def test_users_file_quota_fields_and_plain_hashes_with_spaces(tmp_path):
+    """The users file keeps a {PLAIN} hash with spaces and quota words after
+    the hash; a negative count is refused before it can reach the file."""
+    from mailengine import ConfigError
+    from mailengine import users
+
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "users").write_text("a@x.test:{PLAIN}two words quota=1024 quota_messages=5\n"
+                                "b@x.test:{PLAIN}pw\n")
+    got = {u.address: u for u in users.load(str(data))}
+    assert got["a@x.test"].password_hash == "{PLAIN}two words"
+    assert (got["a@x.test"].quota, got["a@x.test"].quota_messages) == (1024, 5)
+    assert got["b@x.test"].password_hash == "{PLAIN}pw" and got["b@x.test"].quota == 0
+    r = run_cli("user", "quota", "--data", str(data), "b@x.test", "1M", "--messages", "-5")
+    assert r.returncode == 2 and "negative" in r.stderr
+    assert users.load(str(data))[1].quota_messages == 0
+    (data / "users").write_text("c@x.test\n")
+    with pytest.raises(ConfigError, match="expected address:hash"):
+        users.load(str(data))
+    (data / "users").write_text("c@x.test:{PLAIN}pw quota_messages=-3\n")
+    with pytest.raises(ConfigError):
+        users.load(str(data))

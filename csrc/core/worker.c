@@ -276,6 +276,10 @@ static void stop_queue_now(struct engine *e)
     while (atomic_load(&e->offload_jobs) > 0) usleep(1000);
     queue_free(e->queue);
     e->queue = NULL;
+}
+
+static void drop_store(struct engine *e)
+{
     if (e->store) e->store->ops->destroy(e->store);
     e->store = NULL;
 }
@@ -321,8 +325,9 @@ int engine_start(struct engine *e, char *err, size_t errlen)
             if (ls->fd < 0) goto fail;
         }
     }
-    if (!e->store && cfg->delivery && cfg->delivery->mail_dir) {
-        e->store = mailstore_new(cfg->delivery->mail_dir, cfg->hostname);
+    if (!e->store && cfg->delivery && (cfg->delivery->store_dir || cfg->delivery->mail_dir)) {
+        const struct delivery_cfg *dc = cfg->delivery;
+        e->store = mailstore_new(dc->store_dir ? dc->store_dir : dc->mail_dir, cfg->hostname);
         if (!e->store) {
             snprintf(err, errlen, "out of memory for the mailbox store");
             goto fail;
@@ -370,6 +375,7 @@ int engine_start(struct engine *e, char *err, size_t errlen)
             if (e->workers[i].loop.inbox_fd >= 0) loop_close_inbox(&e->workers[i].loop);
         stop_queue_now(e);
         offload_stop();
+        drop_store(e);
         /* Workers that ran closed their own sockets; the rest are ours. */
         for (int i = 0; i < created; i++)
             if (e->workers[i].init_rc == 0) e->workers[i].nlisteners = 0;
@@ -382,6 +388,7 @@ int engine_start(struct engine *e, char *err, size_t errlen)
     return 0;
 fail:
     stop_queue_now(e);
+    drop_store(e);
     close_listeners(e);
     e->workers = NULL;
     e->nworkers = 0;
@@ -423,4 +430,6 @@ void engine_free(struct engine *e)
     e->nworkers = 0;
     queue_free(e->queue);
     e->queue = NULL;
+    /* Last: the late replies run above may have closed store mailboxes. */
+    drop_store(e);
 }

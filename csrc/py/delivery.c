@@ -149,6 +149,7 @@ struct delivery_cfg *delivery_cfg_from_dict(PyObject *d)
     double v;
     if (get_str(d, "dns", &dc->dns_servers) < 0) goto fail;
     if (get_str(d, "mail_dir", &dc->mail_dir) < 0) goto fail;
+    if (get_str(d, "store_dir", &dc->store_dir) < 0) goto fail;
     if (get_double(d, "remote_port", 25, &v) < 0) goto fail;
     dc->remote_port = (int)v;
     if (get_ms(d, "retry_min", 300, &dc->retry_min_ms) < 0 ||

@@ -568,8 +568,11 @@ static int queue_usable(EngineObject *self)
 
 /* Envelope lines with every local recipient put through the aliases, as
  * the SMTP server does at RCPT: a new malloc'd envelope, or NULL when
- * nothing changed (or on allocation failure: the envelope stays as is). */
-static char *expand_aliases(const struct me_config *cfg, const char *env, size_t len, size_t *out_len)
+ * nothing changed (or on allocation failure: the envelope stays as is).
+ * An alias loop or one with too many targets sets *bad (-ELOOP, -E2BIG)
+ * and names the recipient in badaddr. */
+static char *expand_aliases(const struct me_config *cfg, const char *env, size_t len, size_t *out_len,
+                            int *bad, char *badaddr, size_t badcap)
 {
     struct bytebuf out = {0};
     struct alias_result *res = malloc(sizeof *res);
@@ -581,9 +584,17 @@ static char *expand_aliases(const struct me_config *cfg, const char *env, size_t
         const char *tab = memchr(p, '\t', (size_t)(le - p));
         const char *ae = tab ? tab : le;
         const char *at = p + 2 < ae ? memrchr(p + 2, '@', (size_t)(ae - p - 2)) : NULL;
-        if (le - p > 2 && p[0] == 'R' && p[1] == ' ' && at &&
-            config_is_local_domain(cfg, at + 1, (size_t)(ae - at - 1)) &&
-            aliases_resolve(cfg->aliases, p + 2, (size_t)(ae - p - 2), users_is_mailbox, cfg->users, res) == 1) {
+        int rc = le - p > 2 && p[0] == 'R' && p[1] == ' ' && at &&
+                         config_is_local_domain(cfg, at + 1, (size_t)(ae - at - 1))
+                     ? aliases_resolve(cfg->aliases, p + 2, (size_t)(ae - p - 2), users_is_mailbox, cfg->users, res)
+                     : 0;
+        if (rc == -ELOOP || rc == -E2BIG) {
+            *bad = rc;
+            snprintf(badaddr, badcap, "%.*s", (int)(ae - p - 2), p + 2);
+            changed = false;
+            break;
+        }
+        if (rc == 1) {
             char x[700];
             int xl = aliases_xtext(p + 2, (size_t)(ae - p - 2), x, sizeof x);
             for (unsigned i = 0; i < res->n; i++) {
@@ -642,7 +653,14 @@ static PyObject *engine_submit(EngineObject *self, PyObject *arg)
         items[i].env_len = (size_t)el;
         if (self->eng.cfg->aliases) {
             size_t nl = 0;
-            char *x = expand_aliases(self->eng.cfg, env, (size_t)el, &nl);
+            int bad = 0;
+            char badaddr[320];
+            char *x = expand_aliases(self->eng.cfg, env, (size_t)el, &nl, &bad, badaddr, sizeof badaddr);
+            if (bad) {
+                PyErr_Format(PyExc_ValueError, "recipients: the alias %s %s", badaddr,
+                             bad == -ELOOP ? "loops" : "expands to too many recipients");
+                goto fail;
+            }
             if (x) {
                 free(items[i].env);
                 items[i].env = x;

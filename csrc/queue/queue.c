@@ -1847,7 +1847,12 @@ static void local_work(struct offload_job *oj)
         const struct local_rcpt *rc = &lj->rc[k];
         o->stage = STAGE_LOCAL;
         if (rc->action == HOOK_REJECT || rc->action == HOOK_TEMPFAIL) {
-            outcome_from_reply(o, rc->code, rc->text, rc->action == HOOK_TEMPFAIL);
+            /* A 4xx code defers whatever the verb (Reject(450, ...)). */
+            bool temp = rc->action == HOOK_TEMPFAIL || (rc->code >= 400 && rc->code < 500);
+            unsigned code = rc->code;
+            if (temp && (code < 400 || code > 499)) code = 451;
+            if (!temp && (code < 500 || code > 599)) code = 550;
+            outcome_from_reply(o, code, rc->text, temp);
             continue;
         }
         char user[320], prefix[1200], id[STORE_ID_MAX];
@@ -1865,15 +1870,15 @@ static void local_work(struct offload_job *oj)
                           m->sender, addr);
         if (pl < 0 || (size_t)pl >= sizeof prefix) pl = 0;
         const char *folder = rc->action == HOOK_ACCEPT && rc->text[0] ? rc->text : "INBOX";
-        int r = st->ops->deliver(st, user, folder, &quota, prefix, (size_t)pl, m->body, m->body_len,
-                                 id, sizeof id);
-        if (r == -EINVAL && strcmp(folder, "INBOX") != 0) {
+        char fdir[STORE_FOLDER_MAX + 2];
+        if (store_folder_dir(folder, fdir, sizeof fdir) < 0) {
+            /* Checked here for every store, the Python one included. */
             log_warn("queue", "%s: the deliver hook named folder \"%.200s\" for %s, which cannot be "
                      "a folder; delivering to INBOX", m->id, folder, user);
             folder = "INBOX";
-            r = st->ops->deliver(st, user, folder, &quota, prefix, (size_t)pl, m->body, m->body_len,
-                                 id, sizeof id);
         }
+        int r = st->ops->deliver(st, user, folder, &quota, prefix, (size_t)pl, m->body, m->body_len,
+                                 id, sizeof id);
         if (r == 0) {
             o->code = 250;
             snprintf(o->enh, sizeof o->enh, "2.0.0");
@@ -2793,6 +2798,7 @@ void delivery_cfg_free(struct delivery_cfg *dc)
     if (!dc) return;
     free(dc->dns_servers);
     free(dc->mail_dir);
+    free(dc->store_dir);
     free(dc->relay_host);
     free(dc->relay_user);
     free(dc->relay_pass);

@@ -48,7 +48,8 @@ struct dkim_domain {
 
 struct delivery_cfg {
     bool enabled;                 /* false: queue only (nothing leaves) */
-    char *mail_dir;               /* Maildir store root for local domains, or NULL */
+    char *mail_dir;               /* Maildir store root for local delivery, or NULL: none */
+    char *store_dir;              /* Maildir store root for POP3 (set even without local delivery) */
     char *dns_servers;            /* NULL: /etc/resolv.conf */
     int remote_port;              /* port of MX hosts (25) */
     char *relay_host;             /* smarthost, or NULL */

@@ -612,7 +612,7 @@ static bool rcpt_quota_start(struct smtp_session *s, const char *addr, size_t al
 {
     struct me_config *cfg = cfg_of(s);
     struct store *st = s->w->eng->store;
-    if (!st || !cfg->users || s->last_rcpt_lines == 0) return false;
+    if (!st || s->last_rcpt_lines == 0) return false;
     struct quota_job *qj = NULL;
     const char *env = bytebuf_head(&s->env), *end = env + bytebuf_used(&s->env);
     const char *p = end;
@@ -629,9 +629,12 @@ static bool rcpt_quota_start(struct smtp_session *s, const char *addr, size_t al
         memcpy(user, a, (size_t)(ae - a));
         user[ae - a] = 0;
         if (!config_is_local_domain(cfg, at + 1, (size_t)(ae - at - 1)) ||
-            store_user_of(user, user, sizeof user) < 0 ||
-            !users_quota(cfg->users, user, strlen(user), &q.bytes, &q.messages) || !(q.bytes || q.messages))
+            store_user_of(user, user, sizeof user) < 0)
             continue;
+        users_quota(cfg->users, user, strlen(user), &q.bytes, &q.messages);
+        /* The Maildir store has only the configured quotas; a Python store
+         * may have its own (check_quota), so it is asked for everyone. */
+        if (!(q.bytes || q.messages) && strcmp(st->ops->name, "maildir") == 0) continue;
         if (!qj && !(qj = calloc(1, sizeof *qj))) return false;
         if (qj->n == QUOTA_CHECK_MAX) break;
         snprintf(qj->user[qj->n], sizeof qj->user[0], "%s", user);
@@ -720,6 +723,22 @@ static void cmd_rcpt(struct smtp_session *s, const struct smtp_cmd *c)
         if (cfg->aliases) {
             struct alias_result *res = malloc(sizeof *res);
             int rc = res ? aliases_resolve(cfg->aliases, addr, alen, users_is_mailbox, cfg->users, res) : -ENOMEM;
+            if (rc == 1 && cfg->reject_unknown_local && users_count(cfg->users) > 0) {
+                /* What an alias leads to in a local domain must be a user
+                 * too (or postmaster), else a domain alias or a mistyped
+                 * target makes mailboxes nobody can read. */
+                for (unsigned i = 0; i < res->n; i++) {
+                    const char *t = res->addr[i], *tat = strrchr(t, '@');
+                    if (tat && config_is_local_domain(cfg, tat + 1, strlen(tat + 1)) &&
+                        !users_is_mailbox(cfg->users, t, strlen(t)) &&
+                        !(tat - t == 10 && strncasecmp(t, "postmaster", 10) == 0)) {
+                        session_reply(s, "550 5.1.1 <%.*s>: Recipient address rejected: User unknown",
+                                      (int)(alen > 256 ? 256 : alen), addr);
+                        free(res);
+                        return;
+                    }
+                }
+            }
             if (rc == 1 && s->nrcpt + res->n > cfg->limits.max_recipients) {
                 session_reply(s, "452 4.5.3 Error: too many recipients");
                 free(res);

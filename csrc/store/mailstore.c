@@ -115,6 +115,22 @@ static void mark_folder(const char *dir)
     if (fd >= 0) close(fd);
 }
 
+/* Another tool's (or an earlier configuration's) maildirsize: keep it in
+ * step with what we add or remove, under its own limits line. */
+static void quota_note(const char *root, int64_t bytes, int64_t count)
+{
+    char qf[PATH_CAP + 16], text[QUOTA_FILE_MAX + 1];
+    snprintf(qf, sizeof qf, "%s/%s", root, QUOTA_FILE);
+    int fd = open(qf, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    ssize_t r = read(fd, text, sizeof text);
+    close(fd);
+    struct quota_limits lim = {0, 0};
+    int64_t b, c;
+    if (r > 0) quota_parse(text, (size_t)r, &lim, &b, &c);
+    quota_add(root, &lim, bytes, count);
+}
+
 static bool has_quota(const struct store_quota *q)
 {
     return q && (q->bytes || q->messages);
@@ -136,6 +152,7 @@ static int ms_deliver(struct store *st, const char *user, const char *folder, co
     rc = maildir_deliver(dir, ms->host, prefix, plen, msg, len, name, sizeof name);
     if (rc < 0) return rc;
     if (has_quota(q)) quota_add(root, &lim, (int64_t)(plen + len), 1);
+    else quota_note(root, (int64_t)(plen + len), 1);
     if (id && idcap) {
         size_t n = strcspn(name, ":");
         if (n >= idcap) n = idcap - 1;
@@ -293,22 +310,12 @@ static int ms_expunge(struct store_mbox *mb, const uint32_t *uids, size_t n)
      * snapshot follows it; the first error is returned. */
     int rc = mbox_index_expunge(m->dir, &m->ix, uids, n);
     /* Keep a Maildir++ quota file (ours or another tool's) in step. */
-    char root[PATH_CAP], qf[PATH_CAP + 16];
-    snprintf(root, sizeof root, "%s", m->dir);
-    char *slash = strrchr(root, '/');
-    if (slash && slash[1] == '.') *slash = 0;       /* a folder: its user's root */
-    snprintf(qf, sizeof qf, "%s/maildirsize", root);
-    if (count && access(qf, F_OK) == 0) {
-        struct quota_limits lim = {0, 0};
-        int64_t b, c;
-        char text[5200];
-        int fd = open(qf, O_RDONLY | O_CLOEXEC);
-        if (fd >= 0) {
-            ssize_t r = read(fd, text, sizeof text);
-            close(fd);
-            if (r > 0) quota_parse(text, (size_t)r, &lim, &b, &c);
-        }
-        quota_add(root, &lim, -bytes, -count);
+    if (count) {
+        char root[PATH_CAP];
+        snprintf(root, sizeof root, "%s", m->dir);
+        char *slash = strrchr(root, '/');
+        if (slash && slash[1] == '.') *slash = 0;   /* a folder: its user's root */
+        quota_note(root, -bytes, -count);
     }
     int frc = fill_snapshot(m);
     return rc < 0 ? rc : frc;
