@@ -1,7 +1,7 @@
 #!/bin/sh
 # Run every benchmarks/bench_*.py in turn (bench_deliver, bench_idle_memory,
-# bench_receive), passing all arguments through (e.g. --quick, --only
-# mailengine).  Prints everything; exits non-zero only when a benchmark
+# bench_pop3, bench_receive), passing all arguments through (e.g. --quick,
+# --only mailengine).  Prints everything; exits non-zero only when a benchmark
 # reports a harness error (its exit status is non-zero).
 #
 #   --bench NAME[,NAME]   run only these benchmarks (e.g. --bench deliver

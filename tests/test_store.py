@@ -286,10 +286,17 @@ def test_index_follows_other_tools(tmp_path, ports):
         _, lines, _ = p.retr(1)
         assert b"Subject: " + first_subject in lines
         p.quit()
+        # A file another tool named with a space: UIDL stays one token.
+        (alice / "new" / "1999999999.other tool,S=20").write_bytes(b"Subject: z\r\n\r\nbody\r\n")
+        p = srv.pop()
+        assert p.uidl(3).split()[2] == b"1999999999.other_tool,S=20"
+        assert b"Subject: z" in p.retr(3)[1]
+        p.quit()
+        (alice / "new" / "1999999999.other tool,S=20").unlink()
         index = (alice / "mailengine-index").read_text().splitlines()
         assert index[0].split()[2] == uidvalidity            # same UIDVALIDITY, uids kept
         uids = [line.split()[0] for line in index[1:]]
-        assert uids == ["1", "3"]
+        assert uids == ["1", "3", "4"]
         assert any(" c S " in line for line in index[1:])   # in cur/, flag S seen
     finally:
         srv.engine.stop()

@@ -522,6 +522,19 @@ static void capa(struct pop3_session *s)
     reply(s, ".");
 }
 
+/* RFC 1939 §7: a unique-id is 1 to 70 characters 0x21-0x7E; anything else
+ * the store's id holds (a space in a file name) becomes '_'. */
+static const char *uidl_of(const struct store_msg *m, char *buf)
+{
+    size_t n = m->id_len ? m->id_len : 1;
+    for (size_t k = 0; k < n; k++) {
+        unsigned char ch = m->id_len ? (unsigned char)m->id[k] : '_';
+        buf[k] = ch >= 0x21 && ch <= 0x7e ? (char)ch : '_';
+    }
+    buf[n] = 0;
+    return buf;
+}
+
 /* The message a command's argument numbers (1-based), or NULL (answered). */
 static struct store_msg *msg_arg(struct pop3_session *s, const struct pop3_command *c, unsigned i)
 {
@@ -637,18 +650,19 @@ static void cmd_trans_state(struct pop3_session *s, const struct pop3_command *c
          * store the file's base name, which stays when another client
          * moves the file from new/ to cur/ or changes its flags. */
         bool uidl = c->cmd == POP3_UIDL;
+        char ub[STORE_ID_MAX];
         if (c->nargs == 1) {
             struct store_msg *m = msg_arg(s, c, 0);
             if (!m) return;
             size_t i = (size_t)(m - s->mb->msgs) + 1;
-            if (uidl) reply(s, "+OK %zu %s", i, m->id);
+            if (uidl) reply(s, "+OK %zu %s", i, uidl_of(m, ub));
             else reply(s, "+OK %zu %llu", i, (unsigned long long)m->size);
             return;
         }
         reply(s, "+OK listing follows");
         for (size_t i = 0; i < s->mb->n; i++) {
             if (s->deleted[i]) continue;
-            if (uidl) reply(s, "%zu %s", i + 1, s->mb->msgs[i].id);
+            if (uidl) reply(s, "%zu %s", i + 1, uidl_of(&s->mb->msgs[i], ub));
             else reply(s, "%zu %llu", i + 1, (unsigned long long)s->mb->msgs[i].size);
         }
         reply(s, ".");

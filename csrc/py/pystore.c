@@ -19,6 +19,7 @@ struct pystore {
 struct pystore_mbox {
     struct store_mbox mb;
     char *user, *folder;
+    char *strings;                /* the snapshot's ids and flags */
 };
 
 /* rc from an int result; -EIO when the adapter broke its own contract. */
@@ -88,7 +89,11 @@ static int fill(struct pystore_mbox *m, PyObject *res)
     if (!seq) return -EIO;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     struct store_msg *msgs = calloc(n ? (size_t)n : 1, sizeof *msgs);
-    if (!msgs) {
+    /* One block for every id and flags string: (70 + 1) + (31 + 1) each. */
+    char *strings = malloc(n ? (size_t)n * 104 : 1);
+    if (!msgs || !strings) {
+        free(msgs);
+        free(strings);
         Py_DECREF(seq);
         return -ENOMEM;
     }
@@ -100,17 +105,27 @@ static int fill(struct pystore_mbox *m, PyObject *res)
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "kKKLss", &uid, &modseq, &size, &date,
                               &flags, &id)) {
             free(msgs);
+            free(strings);
             Py_DECREF(seq);
             return -EIO;
         }
+        char *fs = strings + (size_t)i * 104, *is = fs + 32;
+        snprintf(fs, 32, "%s", flags);
+        size_t il = strlen(id);
+        if (il > 70) il = 70;
+        if (il == 0) il = (size_t)snprintf(is, 71, "%lu", uid);
+        else memcpy(is, id, il);
         msgs[i].uid = (uint32_t)uid;
         msgs[i].modseq = modseq;
         msgs[i].size = size;
         msgs[i].internal_date = date;
-        snprintf(msgs[i].flags, sizeof msgs[i].flags, "%s", flags);
-        snprintf(msgs[i].id, sizeof msgs[i].id, "%s", id);
+        msgs[i].flags = fs;
+        msgs[i].id = is;
+        msgs[i].id_len = (uint8_t)il;
     }
     Py_DECREF(seq);
+    free(m->strings);
+    m->strings = strings;
     free(m->mb.msgs);
     m->mb.msgs = msgs;
     m->mb.n = (size_t)n;
@@ -135,6 +150,7 @@ static void py_close(struct store_mbox *mb)
     struct pystore_mbox *m = (struct pystore_mbox *)mb;
     if (!m) return;
     free(m->mb.msgs);
+    free(m->strings);
     free(m->user);
     free(m->folder);
     free(m);

@@ -175,9 +175,10 @@ static int ms_quota_check(struct store *st, const char *user, const struct store
     return quota_check(root, &lim, size);
 }
 
-/* The snapshot of the index, in the store's terms. UIDL-style ids are the
- * file's base name (before ":2,"), which another client renaming the file
- * does not change. */
+/* The snapshot of the index, in the store's terms, pointing into the
+ * index's own strings (m->ix is kept as long as the snapshot is). UIDL-style
+ * ids are the file's base name (before ":2,"), which another client
+ * renaming the file does not change. */
 static int fill_snapshot(struct mailstore_mbox *m)
 {
     struct store_msg *msgs = m->ix.n ? calloc(m->ix.n, sizeof *msgs) : NULL;
@@ -189,15 +190,10 @@ static int fill_snapshot(struct mailstore_mbox *m)
         s->modseq = e->modseq;
         s->size = e->size;
         s->internal_date = e->internal_date;
-        snprintf(s->flags, sizeof s->flags, "%s", e->flags);
-        const char *b = e->name + 4;          /* past "new/" or "cur/" */
-        size_t n = strcspn(b, ":");
-        if (n > 70) n = 70;
-        for (size_t k = 0; k < n; k++) {
-            unsigned char ch = (unsigned char)b[k];
-            s->id[k] = ch >= 0x21 && ch <= 0x7e ? (char)ch : '_';
-        }
-        s->id[n] = 0;
+        s->flags = e->flags;
+        s->id = e->name + 4;              /* past "new/" or "cur/" */
+        size_t n = strcspn(s->id, ":");
+        s->id_len = (uint8_t)(n > 70 ? 70 : n ? n : 1);
     }
     free(m->mb.msgs);
     m->mb.msgs = msgs;
@@ -278,21 +274,25 @@ static int read_file(const char *path, char **data, size_t *len)
 static int ms_read(struct store_mbox *mb, uint32_t uid, char **data, size_t *len)
 {
     struct mailstore_mbox *m = (struct mailstore_mbox *)mb;
-    for (int attempt = 0; attempt < 2; attempt++) {
-        const struct mbox_entry *e = mbox_index_find(&m->ix, uid);
-        if (!e) return -ENOENT;
-        char path[PATH_CAP + 300];
+    const struct mbox_entry *e = mbox_index_find(&m->ix, uid);
+    if (!e) return -ENOENT;
+    char path[PATH_CAP + 300];
+    snprintf(path, sizeof path, "%s/%s", m->dir, e->name);
+    int rc = read_file(path, data, len);
+    if (rc != -ENOENT) return rc;
+    /* Renamed by another client (flags) since the snapshot: find it again
+     * by its UID in a fresh index. The snapshot (and m->ix, which its
+     * strings point into) stays as the session saw it. */
+    struct mbox_index fresh = {0};
+    if (mbox_index_sync(m->dir, &fresh) < 0) return -ENOENT;
+    e = mbox_index_find(&fresh, uid);
+    rc = -ENOENT;
+    if (e) {
         snprintf(path, sizeof path, "%s/%s", m->dir, e->name);
-        int rc = read_file(path, data, len);
-        if (rc != -ENOENT || attempt) return rc;
-        /* Renamed by another client (flags) since the snapshot: find it
-         * again by its UID. The snapshot the session sees stays as is. */
-        struct mbox_index fresh = {0};
-        if (mbox_index_sync(m->dir, &fresh) < 0) return -ENOENT;
-        mbox_index_free(&m->ix);
-        m->ix = fresh;
+        rc = read_file(path, data, len);
     }
-    return -ENOENT;
+    mbox_index_free(&fresh);
+    return rc;
 }
 
 static int ms_expunge(struct store_mbox *mb, const uint32_t *uids, size_t n)

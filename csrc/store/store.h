@@ -16,16 +16,20 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define STORE_ID_MAX 72           /* a message's stable id (POP3 UIDL) and NUL */
+#define STORE_ID_MAX 72           /* a message's stable id (POP3 UIDL) and NUL, in buffers */
 #define STORE_FOLDER_MAX 200
 
+/* 48 bytes: a POP3 session holds one per message of its maildrop. The
+ * strings belong to the snapshot (valid until it is closed or refreshed). */
 struct store_msg {
     uint32_t uid;
+    uint8_t id_len;               /* 1-70 */
     uint64_t modseq;
     uint64_t size;                /* octets as served (CRLF line ends) */
     int64_t internal_date;        /* seconds since the epoch */
-    char flags[32];
-    char id[STORE_ID_MAX];        /* 1-70 printable characters, no spaces */
+    const char *flags;            /* Maildir letters, NUL-terminated */
+    const char *id;               /* stable id (POP3 UIDL), id_len bytes, not NUL-terminated;
+                                     may hold bytes a protocol must replace (spaces) */
 };
 
 struct store_quota {
