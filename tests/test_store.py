@@ -364,3 +364,25 @@ def test_pop3_without_local_delivery_and_a_foreign_maildirsize(tmp_path, ports):
         assert len(files(alice / "new")) + len(files(alice / "cur")) == 1
     finally:
         srv.engine.stop()
+
+
+def test_pop3_sizes_of_files_other_tools_wrote(tmp_path, ports):
+    """LIST gives the size as sent (CRLF): a file written with LF ends and
+    no size in its name is counted as CRLF, and a Dovecot-style ",W="
+    (virtual size) wins over ",S=" (file size)."""
+    srv = Srv(tmp_path, ports)
+    try:
+        new = srv.root / "alice" / "new"
+        new.mkdir(parents=True)
+        lf = b"Subject: lf\nFrom: a@b.test\n\nline one\nline two\n"
+        (new / "1700000001.lf-tool").write_bytes(lf)
+        (new / "1700000002.dove,S=32,W=36").write_bytes(b"Subject: w\n\nabcdefghijklmnopqrst\n")
+        p = srv.pop()
+        sizes = [int(x.split()[1]) for x in p.list()[1]]
+        assert sizes == [len(lf) + lf.count(b"\n"), 36]
+        # What RETR sends (CRLF lines) is exactly what LIST said.
+        _, lines, _ = p.retr(1)
+        assert sum(len(x) + 2 for x in lines) == sizes[0]
+        p.quit()
+    finally:
+        srv.engine.stop()

@@ -80,17 +80,48 @@ static int ix_digits(const char *s, size_t n, uint64_t *v)
     return 0;
 }
 
-/* ",S=<n>" inside the base name (ending at ',', ':' or the base's end). */
-static int ix_size_from_name(const char *base, size_t blen, uint64_t *size)
+/* ",<key>=<n>" inside the base name (ending at ',', ':' or the base's end). */
+static int ix_field_from_name(const char *base, size_t blen, char key, uint64_t *size)
 {
     for (size_t i = 0; i + 3 < blen; i++) {
-        if (base[i] != ',' || base[i + 1] != 'S' || base[i + 2] != '=') continue;
+        if (base[i] != ',' || base[i + 1] != key || base[i + 2] != '=') continue;
         size_t j = i + 3;
         while (j < blen && is_digit((unsigned char)base[j])) j++;
         if (j < blen && base[j] != ',' && base[j] != ':') return -1;
         return ix_digits(base + i + 3, j - i - 3, size);
     }
     return -1;
+}
+
+/* The size as served (CRLF line ends): ",W=" when the name has it (what
+ * Dovecot records as the virtual size), else ",S=" (the file's size; our
+ * files are CRLF, so the same). */
+static int ix_size_from_name(const char *base, size_t blen, uint64_t *size)
+{
+    if (ix_field_from_name(base, blen, 'W', size) == 0) return 0;
+    return ix_field_from_name(base, blen, 'S', size);
+}
+
+/* A file another tool wrote without a size in its name: its size with every
+ * bare LF counted as CRLF, as POP3 and IMAP serve it. */
+static uint64_t ix_crlf_size(const char *path, uint64_t file_size)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return file_size;
+    char buf[65536];
+    uint64_t bare = 0;
+    char prev = 0;
+    for (;;) {
+        ssize_t r = read(fd, buf, sizeof buf);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+        for (ssize_t i = 0; i < r; i++) {
+            if (buf[i] == '\n' && prev != '\r') bare++;
+            prev = buf[i];
+        }
+    }
+    close(fd);
+    return file_size + bare;
 }
 
 /* The delivery time a Maildir name starts with: "<sec>." */
@@ -584,7 +615,10 @@ static int ix_describe(const char *dir, const struct ix_file *f, struct ix_newfi
         size = (uint64_t)st.st_size;
         mtime = (int64_t)st.st_mtim.tv_sec;
     }
-    if (need & 1) nf->size = size;
+    if (need & 1) {
+        char path[IX_PATH_MAX];
+        nf->size = ix_path(path, dir, f->name) < 0 ? size : ix_crlf_size(path, size);
+    }
     if (need & 2) nf->date = mtime;
     return 0;
 }
