@@ -594,6 +594,39 @@ def test_tls_opportunistic_and_none(engines, groups):
     assert g.protocol_violations == []
 
 
+def test_tls_may_falls_back_to_plaintext_after_a_failed_handshake(engines, groups):
+    """Policy "may": a server that offers STARTTLS and then breaks the
+    handshake gets the mail in plaintext on a new connection (Postfix's
+    opportunistic TLS); policy "required" keeps it deferred instead."""
+    from sinks import _Closed
+
+    g = tls_groups(groups)
+    sink = g["127.0.0.4"]
+
+    async def broken_handshake(conn, sess):
+        conn.transport.write(b"this is not a TLS record\r\n")
+        raise _Closed()
+
+    sink._upgrade = broken_handshake
+    eng = engines.make(remote_port=g.port, destinations={"tls.test": Policy(tls="may")},
+                       retry_min=30.0, retry_max=60.0)
+    q1 = eng.send(message("fallback"), sender=SENDER, recipients=["a@tls.test"])
+    ev = eng.events.wait(1, "delivered", queue_id=q1)[0]
+    [m] = g.wait_for(1)
+    assert not m.tls and list(m.rcpt_tos) == ["a@tls.test"] and m.session == 2
+    assert ev.code == 250
+    eng.stop()
+    eng2 = engines.make(remote_port=g.port, destinations={"tls.test": Policy(tls="required")},
+                        retry_min=30.0, retry_max=60.0)
+    q2 = eng2.send(message("required"), sender=SENDER, recipients=["b@tls.test"])
+    d = eng2.events.wait(1, "deferred", queue_id=q2)[0]
+    # The handshake broke (the sink's garbage, then its close): deferred,
+    # never sent in plaintext.
+    assert d.enhanced in ("4.7.5", "4.4.2") and ("TLS" in d.text or "closed" in d.text), d.text
+    time.sleep(0.3)
+    assert len(g.all_messages()) == 1
+
+
 def test_tls_required_and_verified(engines, groups):
     g = tls_groups(groups)
     good_ca = g["127.0.0.6"].cert_path

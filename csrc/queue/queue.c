@@ -173,6 +173,9 @@ struct qconn {
     unsigned host_i, addr_i;
     bool was_ready;
     bool tried_any;
+    bool plain_next;               /* retry this address without TLS (policy "may") */
+    bool plain_now;                /* the attempt under way is that retry */
+    struct smtp_client_cfg plain_cfg;
     struct smtp_outcome last_fail;
     uint64_t txn_start_ms;
     struct conn_addr from;
@@ -1457,8 +1460,16 @@ static void qc_try_next(struct qconn *qc)
         char ipname[64];
         const char *hname = h->name;
         if (hname[0] == '[') hname = conn_addr_str(&to, ipname, sizeof ipname);
+        const struct smtp_client_cfg *ccfg = &d->ccfg;
+        qc->plain_now = qc->plain_next;
+        qc->plain_next = false;
+        if (qc->plain_now) {
+            qc->plain_cfg = d->ccfg;
+            qc->plain_cfg.tls = CLIENT_TLS_NONE;
+            ccfg = &qc->plain_cfg;
+        }
         int rc = smtp_client_start(&qc->cl, &q->loop, &to, qc->has_from ? &qc->from : NULL, hname,
-                                   &d->ccfg, &qc_ops, qc);
+                                   ccfg, &qc_ops, qc);
         if (rc == 0) return;
         memset(&qc->last_fail, 0, sizeof qc->last_fail);
         qc->last_fail.temp = 1;
@@ -2026,7 +2037,18 @@ static void qc_closed(struct smtp_client *cl)
         job_ready(j);
     }
     if (!qc->was_ready && !q->stopping) {
-        /* Set-up failed at this address: the next one. */
+        /* Opportunistic TLS (policy "may") that failed in the handshake:
+         * the same address again in plaintext, as Postfix does, rather
+         * than keep the mail from a server with a broken TLS set-up. */
+        if (qc->last_fail.stage == STAGE_TLS && d->ccfg.tls == CLIENT_TLS_MAY && !qc->plain_now &&
+            qc->addr_i > 0) {
+            log_info("queue", "%s: %s; trying %s again without TLS", d->name, qc->last_fail.text,
+                     qc->mx && qc->host_i < qc->mx->nhosts ? qc->mx->hosts[qc->host_i].name : d->name);
+            qc->plain_next = true;
+            qc->addr_i--;
+        }
+        /* Set-up failed at this address: the next one (or the same one in
+         * plaintext). */
         qc_try_next(qc);
         return;
     }
