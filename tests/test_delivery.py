@@ -444,6 +444,27 @@ def test_max_recipients_per_transaction(engines, groups):
     assert [m.rcpt_tos for m in g["127.0.0.3"].wait_for(1)] == [rcpts[5:]]
 
 
+def test_452_too_many_recipients_go_in_the_next_transaction(engines, groups):
+    """A server that takes 3 recipients per transaction and answers 452
+    4.5.3 to the rest: the rest go at once in further transactions (no
+    deferral, no waiting for a retry), and later messages to it carry at
+    most 3 recipients from the start."""
+    g = groups(["127.0.0.2"], max_recipients=3)
+    eng = engines.make(remote_port=g.port, retry_min=60.0, retry_max=120.0)
+    rcpts = [f"r{i}@d1.test" for i in range(8)]
+    qid = eng.send(message("limit"), sender=SENDER, recipients=rcpts)
+    assert {e.recipient for e in eng.events.wait(8, "delivered", queue_id=qid, timeout=10)} == set(rcpts)
+    assert not eng.events.select("deferred")
+    got = g["127.0.0.2"].wait_for(3)
+    assert sorted(len(m.rcpt_tos) for m in got) == [2, 3, 3]
+    assert sorted(r for m in got for r in m.rcpt_tos) == sorted(rcpts)
+    qid2 = eng.send(message("limit 2"), sender=SENDER, recipients=[f"t{i}@d1.test" for i in range(5)])
+    eng.events.wait(5, "delivered", queue_id=qid2, timeout=10)
+    later = [m for m in g["127.0.0.2"].wait_for(5) if m.rcpt_tos[0].startswith("t")]
+    assert sorted(len(m.rcpt_tos) for m in later) == [2, 3]
+    assert all(not m.rejected_rcpts for m in later)
+
+
 def test_refused_recipient_bounces_even_if_connection_is_lost(engines, groups):
     """A 5xx to RCPT is final whatever happens to the rest of the transaction."""
     g = groups(["127.0.0.2", SRC_IP], rcpt_rules={"perm": (550, "5.1.1 no such user")},

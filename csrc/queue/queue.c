@@ -1746,6 +1746,37 @@ static void qc_ready(struct smtp_client *cl)
 /* A finished attempt of j: outs[k] is recipient j->idx[k]'s outcome.
  * Delivered and bounced recipients become final (one DSN for the
  * bounces); the rest wait for the next attempt. */
+/* A new job of j's message and destination for these recipients (one job
+ * per recipient at most, so the message's job list has room). */
+static struct qjob *job_split(struct queue *q, struct qjob *j, const unsigned *idx, unsigned n)
+{
+    struct qmsg *m = j->m;
+    if (m->jobs >= m->nrcpt) return NULL;
+    struct qjob *nj = calloc(1, sizeof *nj);
+    if (!nj || !(nj->idx = calloc(n, sizeof *nj->idx))) {
+        free(nj);
+        return NULL;
+    }
+    memcpy(nj->idx, idx, n * sizeof *idx);
+    nj->n = n;
+    nj->m = m;
+    nj->d = j->d;
+    nj->q = q;
+    nj->attempts = j->attempts;
+    nj->timer.fn = job_timer;
+    m->joblist[m->jobs++] = nj;
+    return nj;
+}
+
+/* RFC 5321 §4.5.3.1.10: "452 too many recipients" asks for the rest in
+ * another transaction, not for a retry later. */
+static bool too_many_recipients(const struct smtp_outcome *o)
+{
+    if (!o->temp || o->stage != STAGE_RCPT || o->code != 452) return false;
+    if (strcmp(o->enh, "4.5.3") == 0) return true;
+    return strcasestr(o->text, "too many recipients") != NULL;
+}
+
 static void job_outcomes(struct queue *q, struct qjob *j, const struct smtp_outcome *outs,
                          const char *mx, const struct conn_addr *ip, uint64_t dur)
 {
@@ -1759,7 +1790,10 @@ static void job_outcomes(struct queue *q, struct qjob *j, const struct smtp_outc
     batch_init(&b, j->n);
     unsigned ntemp = 0, nbounced = 0;
     unsigned *bounced = malloc(j->n * sizeof *bounced);
-    if (!bounced) {
+    unsigned *deferred = malloc(j->n * sizeof *deferred);
+    if (!bounced || !deferred) {
+        free(bounced);
+        free(deferred);
         /* Give the job back; it is tried again (a duplicate is better
          * than a lost outcome). */
         batch_send(q, m, &b, DSN_FAILED, NULL);
@@ -1768,9 +1802,25 @@ static void job_outcomes(struct queue *q, struct qjob *j, const struct smtp_outc
         return;
     }
     const struct smtp_outcome *temp_o = NULL;
+    /* Recipients the server took in this transaction: when some were, a
+     * 452 "too many recipients" for the others sends them again at once. */
+    unsigned accepted = 0, over_limit = 0;
+    if (!j->d->local)
+        for (unsigned k = 0; k < j->n; k++) {
+            if (outs[k].stage > STAGE_RCPT || (outs[k].code >= 200 && outs[k].code < 300)) accepted++;
+            if (too_many_recipients(&outs[k])) over_limit++;
+        }
+    bool resend = accepted > 0 && over_limit > 0;
+    unsigned nresend = 0;
+    const struct smtp_outcome *limit_o = NULL;
     for (unsigned k = 0; k < j->n; k++) {
         unsigned i = j->idx[k];
         const struct smtp_outcome *o = &outs[k];
+        if (resend && too_many_recipients(o)) {
+            j->idx[nresend++] = i;
+            limit_o = o;
+            continue;
+        }
         if (o->code >= 200 && o->code < 300) {
             emit_event(q, EV_DELIVERED, m, i, mx, ip, o, j->attempts, dur);
             rcpt_final(q, m, i);
@@ -1780,13 +1830,42 @@ static void job_outcomes(struct queue *q, struct qjob *j, const struct smtp_outc
             bounced[nbounced++] = i;
         } else {
             emit_event(q, EV_DEFERRED, m, i, mx, ip, o, j->attempts, dur);
-            j->idx[ntemp++] = i;
+            deferred[ntemp++] = i;
             temp_o = o;
         }
     }
     struct qsub *sub = batch_send(q, m, &b, DSN_FAILED, NULL);
     for (unsigned k = 0; k < nbounced; k++) rcpt_final_after(q, m, bounced[k], sub);
     free(bounced);
+    struct qjob *dj = NULL;
+    if (nresend && ntemp && !(dj = job_split(q, j, deferred, ntemp))) {
+        /* No room for a second job: everything waits together. */
+        for (unsigned k = 0; k < nresend; k++) {
+            emit_event(q, EV_DEFERRED, m, j->idx[k], mx, ip, limit_o, j->attempts, dur);
+            deferred[ntemp++] = j->idx[k];
+        }
+        if (!temp_o) temp_o = limit_o;
+        nresend = 0;
+    }
+    if (nresend) {
+        /* The server's limit is known now: later transactions to this
+         * destination carry no more than it took. */
+        if (accepted < j->d->pol.max_recipients || !j->d->pol.max_recipients) j->d->pol.max_recipients = accepted;
+        log_info("queue", "%s: %s took %u recipients; %u more go in the next transaction", m->id, mx,
+                 accepted, nresend);
+        if (dj) {
+            /* The deferred ones wait in a job of their own. */
+            dj->state = J_WAIT;
+            job_defer(q, dj, temp_o, mx);
+        }
+        free(deferred);
+        j->n = nresend;
+        j->attempts--;
+        job_ready(j);
+        return;
+    }
+    memcpy(j->idx, deferred, ntemp * sizeof *deferred);
+    free(deferred);
     j->n = ntemp;
     if (ntemp) {
         j->state = J_WAIT;
