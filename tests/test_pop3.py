@@ -150,6 +150,11 @@ def test_auth_plain_pipelining_and_bad_input(server):
     server.deliver(msg("raw"))
     t, f = raw(server)
     cred = base64.b64encode(b"\0" + USER.encode() + b"\0" + PASSWORD.encode())
+    # Not base64 (bad length, a character outside the alphabet, padding
+    # in the middle): -ERR and the session goes on.
+    for bad in (b"abc", b"ab!d", b"ab=dabcd"):
+        t.sendall(b"AUTH PLAIN " + bad + b"\r\n")
+        assert f.readline().startswith(b"-ERR [AUTH] cannot decode")
     t.sendall(b"BOGUS\r\nAUTH PLAIN\r\n" + cred + b"\r\nSTAT\r\nLIST 9\r\nRETR x\r\nNOOP\r\n")
     assert f.readline().startswith(b"-ERR")                # unknown command: the session goes on
     assert f.readline().startswith(b"+ ")

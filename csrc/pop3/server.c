@@ -7,6 +7,7 @@
  * (QUIT); one session per mailbox at a time. */
 #include <errno.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,8 +15,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <openssl/evp.h>
-
+#include "core/base64.h"
 #include "core/conn.h"
 #include "core/log.h"
 #include "core/offload.h"
@@ -471,17 +471,12 @@ static void b64_plain(struct pop3_session *s, const char *b64, size_t len)
         count_error(s);
         return;
     }
-    char tmp[1400];
-    memcpy(tmp, b64, len);
-    tmp[len] = 0;
-    int n = EVP_DecodeBlock(buf, (const unsigned char *)tmp, (int)len);
-    if (n < 0 || len % 4) {
+    long n = b64_decode(b64, len, (char *)buf, sizeof buf);
+    if (n < 0) {
         reply(s, "-ERR [AUTH] cannot decode response");
         count_error(s);
         return;
     }
-    if (len >= 1 && tmp[len - 1] == '=') n--;
-    if (len >= 2 && tmp[len - 2] == '=') n--;
     /* RFC 4616: [authzid] NUL authcid NUL passwd */
     const unsigned char *z1 = memchr(buf, 0, (size_t)n);
     const unsigned char *z2 = z1 ? memchr(z1 + 1, 0, (size_t)(buf + n - (z1 + 1))) : NULL;
