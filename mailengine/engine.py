@@ -572,7 +572,8 @@ def _policy_words(p: Policy) -> str:
     """The policy as the queue reads it: key=value words."""
     words = [f"max_connections={int(p.max_connections)}",
              f"max_messages_per_connection={int(p.max_messages_per_connection)}",
-             f"max_recipients={int(p.max_recipients)}", f"tls={p.tls}"]
+             f"max_recipients={int(p.max_recipients)}", f"tls={p.tls}",
+             f"tls_verify={1 if p.tls_verify else 0}"]
     if p.pool and " " not in p.pool:
         words.append(f"pool={p.pool[:63]}")
     for name in ("rate_per_second", "rate_per_minute", "rate_per_hour"):

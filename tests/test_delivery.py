@@ -648,6 +648,38 @@ def test_tls_may_falls_back_to_plaintext_after_a_failed_handshake(engines, group
     assert len(g.all_messages()) == 1
 
 
+def test_policy_hook_can_turn_certificate_checks_on(engines, groups):
+    """destination_policy(...) -> Policy(tls_verify=True) checks the
+    certificate against the system's CAs: the test sink's self-signed one
+    fails (deferred, nothing sent); the same hook without tls_verify sends
+    over TLS; and a hook's tls_verify=False never turns a configured check
+    off."""
+    g = tls_groups(groups)
+
+    def hook(domain, mx_hosts):
+        return Policy(tls="required", tls_verify=domain == "tls.test")
+
+    eng = engines.make(remote_port=g.port, hooks={"destination_policy": hook},
+                       retry_min=30.0, retry_max=60.0)
+    q1 = eng.send(message("verified"), sender=SENDER, recipients=["a@tls.test"])
+    d = eng.events.wait(1, "deferred", queue_id=q1)[0]
+    assert d.enhanced == "4.7.5" and "certificate" in d.text.lower(), d.text
+    q2 = eng.send(message("unverified"), sender=SENDER, recipients=["b@verify.test"])
+    eng.events.wait(1, "delivered", queue_id=q2)
+    [m] = g.wait_for(1)
+    assert m.tls and list(m.rcpt_tos) == ["b@verify.test"]
+    eng.stop()
+    wrong_ca, _ = self_signed_cert("mx.verify.test")
+    eng2 = engines.make(remote_port=g.port, hooks={"destination_policy": lambda d, h: Policy(tls="required")},
+                        destinations={"verify.test": Policy(tls="required", tls_verify=True,
+                                                            tls_ca_file=str(wrong_ca))},
+                        retry_min=30.0, retry_max=60.0)
+    q3 = eng2.send(message("still verified"), sender=SENDER, recipients=["c@verify.test"])
+    d3 = eng2.events.wait(1, "deferred", queue_id=q3)[0]
+    assert d3.enhanced == "4.7.5", d3.text
+    assert len(g.all_messages()) == 1
+
+
 def test_tls_required_and_verified(engines, groups):
     g = tls_groups(groups)
     good_ca = g["127.0.0.6"].cert_path

@@ -257,6 +257,7 @@ struct queue {
     struct qconn *all_conns;
     uint64_t seq;
     struct tls_ctx *tls_plain;     /* opportunistic, not verifying */
+    struct tls_ctx *tls_verify;    /* verifying against the system's CAs (policy hook), lazily */
     struct queue_stats st;
     pthread_mutex_t stats_lock;
 };
@@ -1545,7 +1546,10 @@ static void dest_apply_policy(struct qdest *d)
     if (d->pol.rate_per_hour > 0) rate_init(&d->rates[d->nrates++], d->pol.rate_per_hour, 3600000.0);
     if (d->pol.max_connections == 0) d->pol.max_connections = 1;
     if (d->pol.max_messages_per_connection == 0) d->pol.max_messages_per_connection = ~0u;
-    if (!d->relay) d->ccfg.tls = d->pol.tls;
+    if (!d->relay) {
+        d->ccfg.tls = d->pol.tls;
+        d->ccfg.tls_ctx = d->pol.tls_ctx ? d->pol.tls_ctx : d->q->tls_plain;
+    }
 }
 
 /* The hook's answer: "key=value" words (see mailengine/engine.py). A key
@@ -1577,6 +1581,11 @@ static void policy_reply(struct hook_req *r)
             else if (strcmp(w, "tls") == 0)
                 d->pol.tls = strcmp(v, "none") == 0 ? CLIENT_TLS_NONE
                              : strcmp(v, "required") == 0 ? CLIENT_TLS_REQUIRED : CLIENT_TLS_MAY;
+            else if (strcmp(w, "tls_verify") == 0 && x >= 1 && d->q->tls_verify &&
+                     !(d->pol.tls_ctx && tls_ctx_verifies(d->pol.tls_ctx)))
+                /* The hook can turn certificate checks on (the system's
+                 * CAs), never off: a configured check stays. */
+                d->pol.tls_ctx = d->q->tls_verify;
         }
         dest_apply_policy(d);
     }
@@ -2798,6 +2807,9 @@ struct queue *queue_start(struct engine *e, char *err, size_t errlen)
     }
     char terr[256];
     q->tls_plain = tls_ctx_new_client(0, NULL, terr, sizeof terr);
+    /* For a policy hook that asks for certificate checks: made here, since
+     * loading the system's CAs reads files. */
+    if (q->dc->policy_hook) q->tls_verify = tls_ctx_new_client(1, NULL, terr, sizeof terr);
     if (pthread_create(&q->thread, NULL, queue_thread, q) != 0) {
         snprintf(err, errlen, "cannot start the queue thread");
         close(q->events_fd);
@@ -2888,6 +2900,7 @@ void queue_free(struct queue *q)
     bytebuf_free(&q->ev_flight);
     if (q->spool) spool_close(q->spool);
     if (q->tls_plain) tls_ctx_free(q->tls_plain);
+    if (q->tls_verify) tls_ctx_free(q->tls_verify);
     pthread_mutex_destroy(&q->start_lock);
     pthread_cond_destroy(&q->start_cond);
     pthread_mutex_destroy(&q->stats_lock);

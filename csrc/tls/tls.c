@@ -148,6 +148,11 @@ fail:
     return NULL;
 }
 
+int tls_ctx_verifies(const struct tls_ctx *ctx)
+{
+    return ctx->verify_peer;
+}
+
 struct tls_ctx *tls_ctx_new_client(int verify_peer, const char *ca_file,
                                    char *err, size_t errlen)
 {

@@ -16,6 +16,8 @@ struct tls_conn;  /* one SSL with its two memory BIOs */
 struct tls_ctx *tls_ctx_new_server(const char *cert_file, const char *key_file,
                                    char *err, size_t errlen);
 /* Client context: verify_peer 0 or 1; ca_file NULL for the system store. */
+/* Does ctx check the peer's certificate? */
+int tls_ctx_verifies(const struct tls_ctx *ctx);
 struct tls_ctx *tls_ctx_new_client(int verify_peer, const char *ca_file,
                                    char *err, size_t errlen);
 void tls_ctx_free(struct tls_ctx *ctx);
