@@ -2125,11 +2125,13 @@ static void qc_closed(struct smtp_client *cl)
         job_ready(j);
     }
     if (!qc->was_ready && !q->stopping) {
-        /* Opportunistic TLS (policy "may") that failed in the handshake:
-         * the same address again in plaintext, as Postfix does, rather
-         * than keep the mail from a server with a broken TLS set-up. */
+        /* Opportunistic TLS (policy "may", no certificate check asked
+         * for) that failed in the handshake: the same address again in
+         * plaintext, as Postfix does, rather than keep the mail from a
+         * server with a broken TLS set-up. With tls_verify a server that
+         * offers TLS must pass the check: no fallback. */
         if (qc->last_fail.stage == STAGE_TLS && d->ccfg.tls == CLIENT_TLS_MAY && !qc->plain_now &&
-            qc->addr_i > 0) {
+            qc->addr_i > 0 && !(d->ccfg.tls_ctx && tls_ctx_verifies(d->ccfg.tls_ctx))) {
             log_info("queue", "%s: %s; trying %s again without TLS", d->name, qc->last_fail.text,
                      qc->mx && qc->host_i < qc->mx->nhosts ? qc->mx->hosts[qc->host_i].name : d->name);
             qc->plain_next = true;
