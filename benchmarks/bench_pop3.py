@@ -40,7 +40,9 @@ of a core; a round with "other" above --max-other is run again, at most
 --profile runs perf on mailengine during extra rounds.
 
 Idle memory (pop3_idle_memory): fresh servers; 10 sessions logged in and
-closed as a warm-up; then N sessions (one per small mailbox: mailengine
+closed as a warm-up, and 16 x 400 CAPA round trips (so mailengine's receive
+rings, a fixed per-worker cost, are touched before the baseline); then N
+sessions (one per small mailbox: mailengine
 allows one session per mailbox) log in (PASS answered +OK) and stay idle;
 after --settle seconds, the growth of the servers' memory divided by N,
 summed over all their processes (for Dovecot the master, login, auth, ...
@@ -72,6 +74,7 @@ import random
 import select
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -584,6 +587,28 @@ def retr_part(targets, exe, userfile, expected, args):
     return med, failed
 
 
+def warm_receive_buffers(port, conns=16, commands=400, timeout=30.0):
+    """CAPA round trips on a few connections, so that each worker's receive
+    ring (a fixed set of buffers whose pages the kernel touches on first
+    use, up to 512 x 16 KB per mailengine worker) has been used once before
+    the baseline: its first touch is a fixed cost, not a per-session one.
+    Dovecot gets the same traffic."""
+    deadline = time.monotonic() + timeout
+    for _ in range(conns):
+        with socket.create_connection((bl.HOST, port), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            for _ in range(commands):
+                if time.monotonic() > deadline:
+                    return
+                s.sendall(b"CAPA\r\n")
+                while True:
+                    line = f.readline()
+                    if not line or line == b".\r\n" or line.startswith(b"-ERR"):
+                        break
+            s.sendall(b"QUIT\r\n")
+
+
 def idle_part(start_target, exe, idle_users, warm_users, args, label):
     """On a freshly started target; returns the growth per session of each
     of MEM_KINDS."""
@@ -591,6 +616,7 @@ def idle_part(start_target, exe, idle_users, warm_users, args, label):
     try:
         held = Held(exe, t.port, warm_users, args.timeout)      # warm-up
         held.release()
+        warm_receive_buffers(t.port)
         time.sleep(args.settle)
         m0 = memory(t)
         held = Held(exe, t.port, idle_users, args.timeout)
