@@ -1183,3 +1183,22 @@ def test_cli_serve_send_hold_release(dns, groups, tmp_path):
             proc.wait()
             rc = None
     assert rc == 0
+
+
+def test_452_split_keeps_the_delay_notice_sent_once(engines, groups):
+    """Recipients deferred in a transaction whose others got 452 go on in a
+    job of their own that remembers the delay notice already sent: one
+    "delayed" event per recipient, however the job is split."""
+    g = groups(["127.0.0.2", SRC_IP],
+               per_sink={"127.0.0.2": {"greeting": (421, "4.3.2 busy"), "max_recipients": 1,
+                                       "rcpt_rules": {"busy@dest.test": (451, "4.2.1 still busy")}}})
+    eng = engines.make(remote_port=g.port, delay_warning=0.2, queue_lifetime=30.0,
+                       retry_min=0.3, retry_max=0.3)
+    qid = eng.send(message("x"), sender=SENDER, recipients=["busy@dest.test", "a@dest.test", "b@dest.test"])
+    eng.events.wait(3, "delayed", queue_id=qid, timeout=5)
+    g["127.0.0.2"].greeting = Rule.of(None)
+    eng.events.wait(2, "delivered", queue_id=qid, timeout=10)
+    time.sleep(1.5)
+    delayed = [e.recipient for e in eng.events.select("delayed", queue_id=qid)]
+    assert sorted(delayed) == ["a@dest.test", "b@dest.test", "busy@dest.test"], delayed
+    assert len(g[SRC_IP].messages) == 1          # one delay notice to the sender

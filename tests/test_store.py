@@ -377,12 +377,15 @@ def test_pop3_sizes_of_files_other_tools_wrote(tmp_path, ports):
         lf = b"Subject: lf\nFrom: a@b.test\n\nline one\nline two\n"
         (new / "1700000001.lf-tool").write_bytes(lf)
         (new / "1700000002.dove,S=32,W=36").write_bytes(b"Subject: w\n\nabcdefghijklmnopqrst\n")
+        noend = b"Subject: n\n\nno end of line"
+        (new / "1700000003.noend").write_bytes(noend)
         p = srv.pop()
         sizes = [int(x.split()[1]) for x in p.list()[1]]
-        assert sizes == [len(lf) + lf.count(b"\n"), 36]
+        assert sizes == [len(lf) + lf.count(b"\n"), 36, len(noend) + 2 + 2]
         # What RETR sends (CRLF lines) is exactly what LIST said.
-        _, lines, _ = p.retr(1)
-        assert sum(len(x) + 2 for x in lines) == sizes[0]
+        for n in (1, 3):
+            _, lines, _ = p.retr(n)
+            assert sum(len(x) + 2 for x in lines) == sizes[n - 1]
         p.quit()
     finally:
         srv.engine.stop()

@@ -257,7 +257,7 @@ struct queue {
     struct qconn *all_conns;
     uint64_t seq;
     struct tls_ctx *tls_plain;     /* opportunistic, not verifying */
-    struct tls_ctx *tls_verify;    /* verifying against the system's CAs (policy hook), lazily */
+    struct tls_ctx *tls_verify;    /* verifying against the system's CAs (for the policy hook) */
     struct queue_stats st;
     pthread_mutex_t stats_lock;
 };
@@ -1581,11 +1581,21 @@ static void policy_reply(struct hook_req *r)
             else if (strcmp(w, "tls") == 0)
                 d->pol.tls = strcmp(v, "none") == 0 ? CLIENT_TLS_NONE
                              : strcmp(v, "required") == 0 ? CLIENT_TLS_REQUIRED : CLIENT_TLS_MAY;
-            else if (strcmp(w, "tls_verify") == 0 && x >= 1 && d->q->tls_verify &&
-                     !(d->pol.tls_ctx && tls_ctx_verifies(d->pol.tls_ctx)))
+            else if (strcmp(w, "tls_verify") == 0 && x >= 1 &&
+                     !(d->pol.tls_ctx && tls_ctx_verifies(d->pol.tls_ctx))) {
                 /* The hook can turn certificate checks on (the system's
-                 * CAs), never off: a configured check stays. */
-                d->pol.tls_ctx = d->q->tls_verify;
+                 * CAs), never off: a configured check stays, and so does a
+                 * configured CA file (its checks are the configuration's
+                 * to ask for). */
+                if (d->pol.tls_ca_file)
+                    log_warn("queue", "%s: the policy hook asks for certificate checks, but the configured "
+                             "policy names a CA file without tls_verify; the configured policy applies", d->name);
+                else if (!d->q->tls_verify)
+                    log_warn("queue", "%s: the policy hook asks for certificate checks, but no verifying TLS "
+                             "context could be made at start; not checking", d->name);
+                else
+                    d->pol.tls_ctx = d->q->tls_verify;
+            }
         }
         dest_apply_policy(d);
     }
@@ -1772,6 +1782,10 @@ static struct qjob *job_split(struct queue *q, struct qjob *j, const unsigned *i
     nj->d = j->d;
     nj->q = q;
     nj->attempts = j->attempts;
+    /* Its history too: a delay notice already sent is not sent again. */
+    nj->warned = j->warned;
+    nj->last = j->last;
+    memcpy(nj->last_mx, j->last_mx, sizeof nj->last_mx);
     nj->timer.fn = job_timer;
     m->joblist[m->jobs++] = nj;
     return nj;
@@ -2131,7 +2145,8 @@ static void qc_closed(struct smtp_client *cl)
          * server with a broken TLS set-up. With tls_verify a server that
          * offers TLS must pass the check: no fallback. */
         if (qc->last_fail.stage == STAGE_TLS && d->ccfg.tls == CLIENT_TLS_MAY && !qc->plain_now &&
-            qc->addr_i > 0 && !(d->ccfg.tls_ctx && tls_ctx_verifies(d->ccfg.tls_ctx))) {
+            qc->addr_i > 0 && !(d->ccfg.tls_ctx && tls_ctx_verifies(d->ccfg.tls_ctx)) &&
+            !d->ccfg.auth_user) {
             log_info("queue", "%s: %s; trying %s again without TLS", d->name, qc->last_fail.text,
                      qc->mx && qc->host_i < qc->mx->nhosts ? qc->mx->hosts[qc->host_i].name : d->name);
             qc->plain_next = true;
@@ -2811,7 +2826,8 @@ struct queue *queue_start(struct engine *e, char *err, size_t errlen)
     q->tls_plain = tls_ctx_new_client(0, NULL, terr, sizeof terr);
     /* For a policy hook that asks for certificate checks: made here, since
      * loading the system's CAs reads files. */
-    if (q->dc->policy_hook) q->tls_verify = tls_ctx_new_client(1, NULL, terr, sizeof terr);
+    if (q->dc->policy_hook && !(q->tls_verify = tls_ctx_new_client(1, NULL, terr, sizeof terr)))
+        log_warn("queue", "no verifying TLS context for the policy hook: %s", terr);
     if (pthread_create(&q->thread, NULL, queue_thread, q) != 0) {
         snprintf(err, errlen, "cannot start the queue thread");
         close(q->events_fd);

@@ -121,7 +121,8 @@ static uint64_t ix_crlf_size(const char *path, uint64_t file_size)
         }
     }
     close(fd);
-    return file_size + bare;
+    /* A last line without an end is sent with CRLF too. */
+    return file_size + bare + (file_size > 0 && prev != '\n' ? 2 : 0);
 }
 
 /* The delivery time a Maildir name starts with: "<sec>." */
