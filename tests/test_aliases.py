@@ -60,7 +60,8 @@ def test_one_to_many_with_a_remote_target(tmp_path, ports):
 
 def test_catch_all_users_first_and_domain_alias(tmp_path, ports):
     eng = start(tmp_path, ports, {"@example.test": "alice@example.test",
-                                  "@old.test": "@example.test"},
+                                  "@old.test": "@example.test",
+                                  "everyone@example.test": [f"u{i}@remote.test" for i in range(65)]},
                 domains=["example.test", "old.test"])
     try:
         with smtplib.SMTP(HOST, ports.mx, timeout=10) as s:
@@ -89,7 +90,8 @@ def test_unknown_user_loop_and_self_copy(tmp_path, ports):
                                   "b@example.test": ["a@example.test"],
                                   "alice@example.test": ["alice@example.test", "bob@example.test"],
                                   "typo@example.test": "nosuchuser@example.test",
-                                  "@old.test": "@example.test"},
+                                  "@old.test": "@example.test",
+                                  "everyone@example.test": [f"u{i}@remote.test" for i in range(65)]},
                 domains=["example.test", "old.test"])
     try:
         with smtplib.SMTP(HOST, ports.mx, timeout=10) as s:
@@ -112,6 +114,12 @@ def test_unknown_user_loop_and_self_copy(tmp_path, ports):
         wait_count(mailbox(tmp_path, "bob"), 1)
         assert not mailbox(tmp_path, "nosuchuser").exists()
         assert not mailbox(tmp_path, "ghost").exists()
+        # More than 64 final addresses (ALIAS_MAX_TARGETS): refused too.
+        with smtplib.SMTP(HOST, ports.mx, timeout=10) as s2:
+            s2.ehlo()
+            s2.mail("x@sender.test")
+            code, text = s2.rcpt("everyone@example.test")
+            assert code == 550 and b"5.4.6" in text and b"too many" in text
         # send() refuses an alias that loops, naming it.
         from mailengine import SendError
         with pytest.raises(SendError, match="a@example.test loops"):

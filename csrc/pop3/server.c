@@ -24,6 +24,7 @@
 #include "pop3/parse.h"
 #include "py/bridge.h"
 #include "queue/queue.h"
+#include "store/maildir.h"
 #include "store/store.h"
 #include "store/users.h"
 
@@ -414,7 +415,7 @@ static void auth_result(struct pop3_session *s, bool ok)
         reply(s, "-ERR [SYS/TEMP] no mailbox store is configured");
         return;
     }
-    if (store_user_of(s->user, mailbox, sizeof mailbox) < 0) {
+    if (mailbox_of(s->user, strlen(s->user), mailbox, sizeof mailbox) < 0) {
         reply(s, "-ERR [SYS/PERM] this user has no mailbox");
         return;
     }

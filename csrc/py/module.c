@@ -162,7 +162,7 @@ static PyObject *py_store_deliver(PyObject *mod, PyObject *args)
                           &qb, &qm))
         return NULL;
     char user[320], id[STORE_ID_MAX];
-    if (store_user_of(addr, user, sizeof user) < 0) {
+    if (mailbox_of(addr, strlen(addr), user, sizeof user) < 0) {
         PyErr_Format(PyExc_ValueError, "%s cannot name a mailbox", addr);
         return NULL;
     }

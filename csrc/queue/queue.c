@@ -29,6 +29,7 @@
 #include "queue/spool.h"
 #include "smtp/client.h"
 #include "smtp/dkim.h"
+#include "store/maildir.h"
 #include "store/store.h"
 #include "store/users.h"
 #include "tls/tls.h"
@@ -1969,7 +1970,7 @@ static void local_work(struct offload_job *oj)
             continue;
         }
         char user[320], prefix[1200], id[STORE_ID_MAX];
-        if (store_user_of(addr, user, sizeof user) < 0) {
+        if (mailbox_of(addr, strlen(addr), user, sizeof user) < 0) {
             o->temp = 0;
             snprintf(o->enh, sizeof o->enh, "5.1.3");
             snprintf(o->text, sizeof o->text, "%s cannot name a mailbox", addr);
@@ -2083,7 +2084,7 @@ static void local_start(struct queue *q, struct qjob *j)
     for (unsigned k = 0; k < j->n; k++) {
         char user[320];
         const char *addr = m->rcpt[j->idx[k]].addr;
-        if (store_user_of(addr, user, sizeof user) < 0) snprintf(user, sizeof user, "%s", addr);
+        if (mailbox_of(addr, strlen(addr), user, sizeof user) < 0) snprintf(user, sizeof user, "%s", addr);
         const char *args[HARG_COUNT] = {0};
         size_t lens[HARG_COUNT] = {0};
         args[HARG_1] = user;

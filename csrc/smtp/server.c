@@ -22,6 +22,7 @@
 #include "queue/spool.h"
 #include "smtp/parse.h"
 #include "store/aliases.h"
+#include "store/maildir.h"
 #include "store/store.h"
 #include "store/users.h"
 #include "tls/tls.h"
@@ -626,13 +627,11 @@ static bool rcpt_quota_start(struct smtp_session *s, const char *addr, size_t al
         const char *at = memrchr(a, '@', (size_t)(ae - a));
         char user[320];
         struct store_quota q;
-        if (!at || (size_t)(ae - a) >= sizeof user) continue;
-        memcpy(user, a, (size_t)(ae - a));
-        user[ae - a] = 0;
-        if (!config_is_local_domain(cfg, at + 1, (size_t)(ae - at - 1)) ||
-            store_user_of(user, user, sizeof user) < 0)
+        int ul;
+        if (!at || !config_is_local_domain(cfg, at + 1, (size_t)(ae - at - 1)) ||
+            (ul = mailbox_of(a, (size_t)(ae - a), user, sizeof user)) < 0)
             continue;
-        users_quota(cfg->users, user, strlen(user), &q.bytes, &q.messages);
+        users_quota(cfg->users, user, (size_t)ul, &q.bytes, &q.messages);
         /* The Maildir store has only the configured quotas; a Python store
          * may have its own (check_quota), so it is asked for everyone. */
         if (!(q.bytes || q.messages) && strcmp(st->ops->name, "maildir") == 0) continue;

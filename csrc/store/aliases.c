@@ -2,6 +2,8 @@
  * lower-cased key to its list of targets. */
 #include "store/aliases.h"
 
+#include "store/maildir.h"
+
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -155,19 +157,15 @@ static int add_final(struct resolve_ctx *c, const char *addr, size_t len)
     return 0;
 }
 
-/* The exact alias of addr: as given, then without "+tag". */
-static const struct alias_entry *exact(const struct aliases *a, const char *addr, size_t len, size_t at)
+/* The exact alias of addr: as given, then as the mailbox it names
+ * (without "+tag"). */
+static const struct alias_entry *exact(const struct aliases *a, const char *addr, size_t len)
 {
     const struct alias_entry *e = find(a, addr, len);
     if (e) return e;
-    const char *plus = memchr(addr, '+', at);
-    if (!plus || plus == addr) return NULL;
     char buf[ALIAS_ADDR_MAX];
-    size_t ll = (size_t)(plus - addr);
-    if (len - at + ll >= sizeof buf) return NULL;
-    memcpy(buf, addr, ll);
-    memcpy(buf + ll, addr + at, len - at);
-    return find(a, buf, ll + len - at);
+    int n = mailbox_of(addr, len, buf, sizeof buf);
+    return n > 0 && (size_t)n != len ? find(a, buf, (size_t)n) : NULL;
 }
 
 static int resolve(struct resolve_ctx *c, const char *addr, size_t len, unsigned depth)
@@ -181,7 +179,7 @@ static int resolve(struct resolve_ctx *c, const char *addr, size_t len, unsigned
         }
     if (!atp || atp == addr || (size_t)(atp - addr) + 1 >= len) return -EINVAL;
     size_t at = (size_t)(atp - addr);
-    const struct alias_entry *e = exact(c->a, addr, len, at);
+    const struct alias_entry *e = exact(c->a, addr, len);
     if (e) {
         c->applied = true;
         for (unsigned k = 0; k < e->n; k++) {

@@ -5,6 +5,7 @@
 #include "core/fsutil.h"
 
 #include <errno.h>
+#include <stdbool.h>
 #include <fcntl.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -14,32 +15,39 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+int mailbox_of(const char *addr, size_t len, char *buf, size_t cap)
+{
+    const char *at = memrchr(addr, '@', len);
+    if (!at || at == addr || (size_t)(at - addr) + 1 >= len) return -EINVAL;
+    size_t o = 0;
+    bool tag = false;
+    for (const char *p = addr; p < addr + len; p++) {
+        if (p < at && *p == '+' && p != addr) tag = true;   /* user+tag is user */
+        if (p == at) tag = false;
+        if (tag) continue;
+        if (o + 1 >= cap) return -EINVAL;
+        buf[o++] = (char)(*p >= 'A' && *p <= 'Z' ? *p + 32 : *p);
+    }
+    buf[o] = 0;
+    return (int)o;
+}
+
 int maildir_path(const char *root, const char *address, char *buf, size_t cap)
 {
-    const char *at = strrchr(address, '@');
-    if (!at || at == address || !at[1]) return -EINVAL;
-    char local[256], domain[256];
-    size_t ll = 0, dl = 0;
-    for (const char *p = address; p < at; p++) {
-        if (*p == '+') break;            /* plus-addressing: user+tag is user */
-        if (ll + 1 >= sizeof local) return -EINVAL;
-        char ch = *p;
-        local[ll++] = (char)(ch >= 'A' && ch <= 'Z' ? ch + 32 : ch);
-    }
-    for (const char *p = at + 1; *p; p++) {
-        if (dl + 1 >= sizeof domain) return -EINVAL;
-        char ch = *p;
-        domain[dl++] = (char)(ch >= 'A' && ch <= 'Z' ? ch + 32 : ch);
-    }
-    local[ll] = 0;
-    domain[dl] = 0;
-    if (ll == 0 || dl == 0 || local[0] == '.' || domain[0] == '.') return -EINVAL;
+    char mbox[520];
+    int n = mailbox_of(address, strlen(address), mbox, sizeof mbox);
+    if (n < 0 || mbox[0] == '+') return -EINVAL;
+    char *at = strrchr(mbox, '@');
+    *at = 0;
+    const char *local = mbox, *domain = at + 1;
+    size_t ll = strlen(local), dl = strlen(domain);
+    if (ll == 0 || ll > 254 || dl > 254 || local[0] == '.' || domain[0] == '.') return -EINVAL;
     for (size_t i = 0; i < ll; i++)
         if ((unsigned char)local[i] < 0x21 || local[i] == '/' || local[i] == 0x7f) return -EINVAL;
     for (size_t i = 0; i < dl; i++)
         if ((unsigned char)domain[i] < 0x21 || domain[i] == '/' || domain[i] == 0x7f) return -EINVAL;
-    int n = snprintf(buf, cap, "%s/%s/%s", root, domain, local);
-    return n < 0 || (size_t)n >= cap ? -EINVAL : 0;
+    int w = snprintf(buf, cap, "%s/%s/%s", root, domain, local);
+    return w < 0 || (size_t)w >= cap ? -EINVAL : 0;
 }
 
 int maildir_deliver(const char *dir, const char *host, const char *prefix, size_t plen,

@@ -9,6 +9,13 @@
 
 #include <stddef.h>
 
+/* The mailbox an address names: lower case, "+tag" dropped from the local
+ * part (a leading '+' is not a tag). addr is len bytes (no NUL needed);
+ * the result goes NUL-terminated into buf. Its length, or -EINVAL (no '@',
+ * an empty part, or it does not fit). The one rule for SMTP's user check,
+ * aliases, delivery and POP3 logins. */
+int mailbox_of(const char *addr, size_t len, char *buf, size_t cap);
+
 /* The mailbox directory of address (lower-cased; "+tag" removed from the
  * local part) under root, into buf. -EINVAL when the address cannot name
  * a directory safely (no '@', empty parts, '/', a leading '.', control

@@ -32,23 +32,6 @@ struct mailstore_mbox {
     char *dir;
 };
 
-int store_user_of(const char *addr, char *buf, size_t cap)
-{
-    const char *at = strrchr(addr, '@');
-    if (!at || at == addr || !at[1]) return -EINVAL;
-    size_t o = 0;
-    bool tag = false;
-    for (const char *p = addr; *p; p++) {
-        if (p < at && *p == '+' && p != addr) tag = true;
-        if (p == at) tag = false;
-        if (tag) continue;
-        if (o + 1 >= cap) return -EINVAL;
-        buf[o++] = (char)(*p >= 'A' && *p <= 'Z' ? *p + 32 : *p);
-    }
-    buf[o] = 0;
-    return 0;
-}
-
 int store_folder_dir(const char *folder, char *buf, size_t cap)
 {
     if (!folder || !*folder || strcasecmp(folder, "INBOX") == 0) {
@@ -115,22 +98,6 @@ static void mark_folder(const char *dir)
     if (fd >= 0) close(fd);
 }
 
-/* Another tool's (or an earlier configuration's) maildirsize: keep it in
- * step with what we add or remove, under its own limits line. */
-static void quota_note(const char *root, int64_t bytes, int64_t count)
-{
-    char qf[PATH_CAP + 16], text[QUOTA_FILE_MAX + 1];
-    snprintf(qf, sizeof qf, "%s/%s", root, QUOTA_FILE);
-    int fd = open(qf, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return;
-    ssize_t r = read(fd, text, sizeof text);
-    close(fd);
-    struct quota_limits lim = {0, 0};
-    int64_t b, c;
-    if (r > 0) quota_parse(text, (size_t)r, &lim, &b, &c);
-    quota_add(root, &lim, bytes, count);
-}
-
 static bool has_quota(const struct store_quota *q)
 {
     return q && (q->bytes || q->messages);
@@ -152,7 +119,7 @@ static int ms_deliver(struct store *st, const char *user, const char *folder, co
     rc = maildir_deliver(dir, ms->host, prefix, plen, msg, len, name, sizeof name);
     if (rc < 0) return rc;
     if (has_quota(q)) quota_add(root, &lim, (int64_t)(plen + len), 1);
-    else quota_note(root, (int64_t)(plen + len), 1);
+    else quota_add(root, NULL, (int64_t)(plen + len), 1);   /* another tool's maildirsize */
     if (id && idcap) {
         size_t n = strcspn(name, ":");
         if (n >= idcap) n = idcap - 1;
@@ -315,7 +282,7 @@ static int ms_expunge(struct store_mbox *mb, const uint32_t *uids, size_t n)
         snprintf(root, sizeof root, "%s", m->dir);
         char *slash = strrchr(root, '/');
         if (slash && slash[1] == '.') *slash = 0;   /* a folder: its user's root */
-        quota_note(root, -bytes, -count);
+        quota_add(root, NULL, -bytes, -count);
     }
     int frc = fill_snapshot(m);
     return rc < 0 ? rc : frc;

@@ -39,7 +39,8 @@ int quota_check(const char *root, const struct quota_limits *lim, uint64_t size)
 /* Record a change that has happened (delivery: +size +1, expunge: -size -1)
  * as one append of "<bytes> <count>\n" with O_APPEND. When maildirsize is
  * missing it is created by a recalculation instead, which already counts
- * the change. 0 or -errno. */
+ * the change; with lim NULL a missing file is left missing (a file another
+ * tool keeps is kept in step, none is started). 0 or -errno. */
 int quota_add(const char *root, const struct quota_limits *lim, int64_t bytes, int64_t messages);
 
 /* The maildirsize parser (pure): the limits line and the sum of the delta

@@ -4,7 +4,7 @@
  * Python object (py/pystore.c) for mail kept in the user's own system.
  *
  * Names: a user is the canonical mailbox address (lower case, no "+tag",
- * see store_user_of); a folder is "INBOX" or a name such as "Junk" or
+ * see mailbox_of in store/maildir.h); a folder is "INBOX" or a name such as "Junk" or
  * "Archive.2024" ('.' separates levels, as Maildir++ and Dovecot's
  * default Maildir layout have it; '/' in a name is read as '.').
  * Flags are Maildir letters, sorted: D (draft), F (flagged), P (passed),
@@ -79,9 +79,6 @@ struct store {
  * store/maildir.h); host goes into file names. NULL on allocation failure. */
 struct store *mailstore_new(const char *root, const char *host);
 
-/* The canonical user of a recipient address: lower case, "+tag" dropped.
- * -EINVAL when it is not an address. */
-int store_user_of(const char *addr, char *buf, size_t cap);
 /* Folder name checks and the Maildir++ directory name (".Junk",
  * ".Archive.2024"; "" for INBOX). -EINVAL for names that cannot be folders
  * (empty levels, leading '.', control bytes, too long). */

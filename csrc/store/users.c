@@ -3,6 +3,8 @@
  * the ASCII-lower-cased address. */
 #include "store/users.h"
 
+#include "store/maildir.h"
+
 #include <crypt.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -510,16 +512,9 @@ bool users_is_mailbox(void *table, const char *addr, size_t len)
 {
     const struct users *u = table;
     if (users_find(u, addr, len)) return true;
-    const char *at = memrchr(addr, '@', len);
-    if (!at) return false;
-    const char *plus = memchr(addr, '+', (size_t)(at - addr));
-    if (!plus || plus == addr) return false;
-    char buf[600];
-    size_t ll = (size_t)(plus - addr), dl = len - (size_t)(at - addr);
-    if (ll + dl >= sizeof buf) return false;
-    memcpy(buf, addr, ll);
-    memcpy(buf + ll, at, dl);
-    return users_find(u, buf, ll + dl) != NULL;
+    char mbox[600];
+    int n = mailbox_of(addr, len, mbox, sizeof mbox);
+    return n > 0 && (size_t)n != len && users_find(u, mbox, (size_t)n) != NULL;
 }
 
 size_t users_count(const struct users *u)

@@ -39,6 +39,30 @@ static inline const char *check_show(const char *p, size_t n)
     return b;
 }
 
+/* A scratch directory "/tmp/<name>.XXXXXX" into buf (cap bytes), and its
+ * removal with everything under it. */
+#include <ftw.h>
+#include <stdlib.h>
+
+static inline int check_tmpdir(char *buf, size_t cap, const char *name)
+{
+    snprintf(buf, cap, "/tmp/%s.XXXXXX", name);
+    if (mkdtemp(buf)) return 0;
+    perror("mkdtemp");
+    return -1;
+}
+
+static inline int check_rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+static inline void check_rmtree(const char *dir)
+{
+    nftw(dir, check_rm_one, 16, FTW_DEPTH | FTW_PHYS);
+}
+
 /* "N passed, M failed" as the last line; the exit status says the same. */
 static inline int check_summary(void)
 {

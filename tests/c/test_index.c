@@ -9,7 +9,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -682,19 +681,9 @@ static void test_many(void)
     mbox_index_free(&ix);
 }
 
-static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st, (void)flag, (void)ftw;
-    return remove(path);
-}
-
 int main(void)
 {
-    snprintf(top, sizeof top, "/tmp/test_index.XXXXXX");
-    if (!mkdtemp(top)) {
-        perror("mkdtemp");
-        return 2;
-    }
+    if (check_tmpdir(top, sizeof top, "test_index") < 0) return 2;
     test_empty();
     test_lifecycle();
     test_mtime_shortcut();
@@ -704,6 +693,6 @@ int main(void)
     test_threads();
     test_parse_table();
     test_many();
-    nftw(top, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    check_rmtree(top);
     return check_summary();
 }

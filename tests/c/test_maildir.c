@@ -95,8 +95,34 @@ static void test_deliver(void)
     OK(system(cmd) == 0);
 }
 
+/* The one address -> mailbox rule: lower case, "+tag" dropped, a leading
+ * '+' kept, length-bounded input, refusals. */
+static void test_mailbox_of(void)
+{
+    static const struct { const char *in; const char *out; } ok[] = {
+        {"Alice@Example.TEST", "alice@example.test"},
+        {"alice+news@example.test", "alice@example.test"},
+        {"alice+a+b@x.test", "alice@x.test"},
+        {"+x@x.test", "+x@x.test"},
+        {"a@b@c.test", "a@b@c.test"},
+    };
+    char buf[64];
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        int n = mailbox_of(ok[i].in, strlen(ok[i].in), buf, sizeof buf);
+        CHECK(n == (int)strlen(ok[i].out) && strcmp(buf, ok[i].out) == 0, "%s -> %s", ok[i].in, buf);
+    }
+    /* Only len bytes count: the rest of the buffer is not read. */
+    const char *tail = "bob+t@x.testGARBAGE";
+    OK(mailbox_of(tail, strlen(tail) - 7, buf, sizeof buf) == 10 && strcmp(buf, "bob@x.test") == 0);
+    static const char *const bad[] = {"noat", "@x.test", "x@", ""};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        CHECK(mailbox_of(bad[i], strlen(bad[i]), buf, sizeof buf) == -EINVAL, "%s", bad[i]);
+    OK(mailbox_of("alice@example.test", 18, buf, 10) == -EINVAL);     /* does not fit */
+}
+
 int main(void)
 {
+    test_mailbox_of();
     test_paths();
     test_deliver();
     return check_summary();

@@ -9,7 +9,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -267,6 +266,20 @@ static void test_add(void)
     OK(quota_usage(root, &lim, &b, &m) == 0 && b == 46 && m == 3);
 }
 
+/* lim NULL: a file another tool keeps is kept in step; none is started. */
+static void test_add_existing_only(void)
+{
+    char root[256], buf[256];
+    new_maildir(root, sizeof root, NULL);
+    put(root, "new/1700000000.a,S=40", "x");
+    OK(quota_add(root, NULL, 40, 1) == 0);
+    OK(slurp(root, QUOTA_FILE, buf, sizeof buf) == (size_t)-1);  /* still none */
+    put(root, QUOTA_FILE, "500S\n0 0\n");
+    OK(quota_add(root, NULL, 40, 1) == 0 && quota_add(root, NULL, -40, -1) == 0);
+    size_t n = slurp(root, QUOTA_FILE, buf, sizeof buf);
+    CHECK(strcmp(buf, "500S\n0 0\n40 1\n-40 -1\n") == 0, "%s", check_show(buf, n));
+}
+
 static void test_check(void)
 {
     char root[256];
@@ -306,23 +319,14 @@ static void test_check(void)
     OK(quota_check(root, &bytes, 5) == 0);
 }
 
-static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st, (void)flag, (void)ftw;
-    return remove(path);
-}
-
 int main(void)
 {
-    snprintf(top, sizeof top, "/tmp/test_quota.XXXXXX");
-    if (!mkdtemp(top)) {
-        perror("mkdtemp");
-        return 2;
-    }
+    if (check_tmpdir(top, sizeof top, "test_quota") < 0) return 2;
     test_parse();
     test_recalc();
     test_add();
+    test_add_existing_only();
     test_check();
-    nftw(top, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    check_rmtree(top);
     return check_summary();
 }

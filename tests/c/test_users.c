@@ -1,4 +1,4 @@
-/* sources: csrc/store/users.c */
+/* sources: csrc/store/users.c csrc/store/maildir.c csrc/core/fsutil.c */
 /* libs: -lcrypto -lcrypt */
 /* Password hashes (our PBKDF2 output, passlib's, crypt(3) SHA-512 as Dovecot
  * stores it, {PLAIN}) and the user table. */
