@@ -423,6 +423,20 @@ void conn_write(struct conn *c, const void *p, size_t n)
     schedule_flush(c);
 }
 
+void conn_write_buf(struct conn *c, struct bytebuf *b)
+{
+    if (!(c->flags & CONN_CLOSED) && !c->tls && bytebuf_used(&c->out) == 0) {
+        struct bytebuf empty = c->out;
+        c->out = *b;
+        *b = empty;
+        bytebuf_free(b);
+        schedule_flush(c);
+        return;
+    }
+    conn_write(c, bytebuf_head(b), bytebuf_used(b));
+    bytebuf_free(b);
+}
+
 void conn_printf(struct conn *c, const char *fmt, ...)
 {
     char buf[1024];

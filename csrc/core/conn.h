@@ -89,6 +89,10 @@ int conn_connect(struct conn *c, struct loop *l, const struct conn_addr *to,
 
 /* Queue bytes for the peer (encrypted when TLS is on); sent at end of turn. */
 void conn_write(struct conn *c, const void *p, size_t n);
+/* conn_write of b's bytes, taking b over (left empty): when nothing else
+ * waits to be written on a plain connection the buffer itself is queued,
+ * without a copy. */
+void conn_write_buf(struct conn *c, struct bytebuf *b);
 void conn_printf(struct conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Begin a server-side TLS handshake now: input already buffered is

@@ -156,9 +156,7 @@ struct pop3_job {
     /* read */
     uint32_t uid;
     long top_lines;               /* -1: whole message */
-    char *data;
-    size_t len;
-    size_t octets;
+    struct bytebuf out;           /* "+OK", the message as sent, "." */
 };
 
 /* A message as it goes on the wire: CRLF lines (a bare LF from a file
@@ -201,12 +199,12 @@ static void job_work(struct offload_job *oj)
         char *raw = NULL;
         size_t rawlen = 0;
         j->err = st->ops->read(s->mb, j->uid, &raw, &rawlen);
-        if (j->err == 0) {
-            struct bytebuf out = {0};
-            j->err = wire_format(raw, rawlen, j->top_lines, &out);
-            j->data = out.data;
-            j->len = out.len;
-        }
+        /* The whole answer in one buffer, sized for the message and some
+         * stuffing, that the connection then takes without a copy. */
+        static const char ok[] = "+OK message follows\r\n";
+        if (j->err == 0 && (j->err = bytebuf_reserve(&j->out, sizeof ok + rawlen + rawlen / 16 + 8)) == 0 &&
+            (j->err = bytebuf_append(&j->out, ok, sizeof ok - 1)) == 0)
+            j->err = wire_format(raw, rawlen, j->top_lines, &j->out);
         free(raw);
         break;
     }
@@ -259,7 +257,7 @@ static void job_free(struct pop3_job *j)
         free(j->password);
     }
     if (j->mb) j->mb->st->ops->close(j->mb);
-    free(j->data);
+    bytebuf_free(&j->out);
     free(j);
 }
 
@@ -288,12 +286,8 @@ static void job_done(struct loop *l, struct loop_msg *lm)
         break;
     case JOB_READ:
         s->state = P_TRANS;
-        if (j->err || !j->data) {
-            reply(s, "-ERR message is gone (deleted by another client?)");
-        } else {
-            reply(s, "+OK message follows");
-            conn_write(&s->conn, j->data, j->len);
-        }
+        if (j->err) reply(s, "-ERR message is gone (deleted by another client?)");
+        else conn_write_buf(&s->conn, &j->out);
         break;
     case JOB_UPDATE:
         s->state = P_DONE;
