@@ -81,15 +81,24 @@ int offload_start(void)
     return 0;
 }
 
-void offload_submit(struct offload_job *j)
+static void submit_to(struct offload_thread *t, struct offload_job *j)
 {
     if (j->outstanding) atomic_fetch_add(j->outstanding, 1);
-    struct offload_thread *t = &threads[atomic_fetch_add(&next_thread, 1) % OFFLOAD_THREADS];
     if (mpsc_push(&t->jobs, &j->node)) {
         uint64_t one = 1;
         ssize_t w = write(t->fd, &one, sizeof one);
         (void)w;
     }
+}
+
+void offload_submit(struct offload_job *j)
+{
+    submit_to(&threads[atomic_fetch_add(&next_thread, 1) % OFFLOAD_THREADS], j);
+}
+
+void offload_submit_keyed(struct offload_job *j, uint64_t key)
+{
+    submit_to(&threads[key % OFFLOAD_THREADS], j);
 }
 
 void offload_stop(void)

@@ -2031,7 +2031,14 @@ static void local_submit(struct local_job *lj)
     lj->job.loop = &lj->q->loop;
     lj->job.work = local_work;
     lj->job.outstanding = &lj->q->eng->offload_jobs;
-    offload_submit(&lj->job);
+    /* One thread per mailbox (by the first recipient's): messages to one
+     * mailbox are stored in the order they reached the queue, as readers
+     * of INBOX expect, while other mailboxes go on in parallel. */
+    struct qmsg *m = lj->j->m;
+    char box[320];
+    const char *first = lj->j->n ? m->rcpt[lj->j->idx[0]].addr : m->id;
+    if (mailbox_of(first, strlen(first), box, sizeof box) < 0) snprintf(box, sizeof box, "%s", first);
+    offload_submit_keyed(&lj->job, hash_str(box));
 }
 
 /* The deliver hook's answer for one recipient; the last one sends the job

@@ -586,11 +586,38 @@ struct ix_newfile {
     int64_t date;
 };
 
+/* Names in delivery order: runs of digits compare as numbers, so within
+ * one second "M99999" (microseconds) comes before "M123456" and "Q9"
+ * before "Q10", as the unpadded Maildir names of every writer need. */
+static int ix_name_order_cmp(const char *a, const char *b)
+{
+    while (*a && *b) {
+        if (is_digit((unsigned char)*a) && is_digit((unsigned char)*b)) {
+            while (*a == '0') a++;
+            while (*b == '0') b++;
+            size_t na = 0, nb = 0;
+            while (is_digit((unsigned char)a[na])) na++;
+            while (is_digit((unsigned char)b[nb])) nb++;
+            if (na != nb) return na < nb ? -1 : 1;
+            int c = memcmp(a, b, na);
+            if (c) return c;
+            a += na;
+            b += nb;
+            continue;
+        }
+        if (*a != *b) return (unsigned char)*a < (unsigned char)*b ? -1 : 1;
+        a++;
+        b++;
+    }
+    return *a ? 1 : *b ? -1 : 0;
+}
+
 static int ix_newfile_cmp(const void *a, const void *b)
 {
     const struct ix_newfile *x = a, *y = b;
     if (x->date != y->date) return x->date < y->date ? -1 : 1;
-    return strcmp(x->name + 4, y->name + 4);
+    int c = ix_name_order_cmp(x->name + 4, y->name + 4);
+    return c ? c : strcmp(x->name + 4, y->name + 4);
 }
 
 /* The size and internal date of a new file, from its name where it says,

@@ -248,6 +248,28 @@ static void test_lifecycle(void)
 
 /* With new/ and cur/ quiet for a while, a sync trusts their mtimes and
  * reads neither; a change of mtime makes it look again. */
+/* Within one second, unpadded numbers in the names (microseconds, the
+ * delivery counter) order as numbers, not as text. */
+static void test_same_second_order(void)
+{
+    char dir[256];
+    struct mbox_index ix = {0};
+    new_folder(dir, sizeof dir);
+    static const char *const order[] = {
+        "new/1700000001.M99999P7Q1.host,S=3", "new/1700000001.M123456P7Q2.host,S=3",
+        "new/1700000001.M123456P7Q10.host,S=3", "new/1700000001.M0123457P7Q3.host,S=3",
+        "new/1700000001.M123457P7Q3.host,S=3",
+    };
+    OK(mbox_index_sync(dir, &ix) == 0);                 /* creates new/ and cur/ */
+    for (size_t i = 5; i-- > 0;) put(dir, order[i], "ab\n");
+    OK(mbox_index_sync(dir, &ix) == 0);
+    CHECK(ix.n == 5, "n=%zu", ix.n);
+    for (size_t i = 0; i < 5 && i < ix.n; i++)
+        CHECK(strcmp(ix.e[i].name, order[i]) == 0 && ix.e[i].uid == i + 1, "%zu: %s uid %u", i,
+              ix.e[i].name, ix.e[i].uid);
+    mbox_index_free(&ix);
+}
+
 static void test_mtime_shortcut(void)
 {
     char dir[256];
@@ -686,6 +708,7 @@ int main(void)
     if (check_tmpdir(top, sizeof top, "test_index") < 0) return 2;
     test_empty();
     test_lifecycle();
+    test_same_second_order();
     test_mtime_shortcut();
     test_set_flags();
     test_expunge();
