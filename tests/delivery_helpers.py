@@ -178,7 +178,8 @@ def read_events_file(data_dir: Path) -> list[DeliveryEvent]:
     path = Path(data_dir) / "events.jsonl"
     if not path.exists():
         return []
-    return [DeliveryEvent.from_json(line) for line in path.read_text().splitlines() if line.strip()]
+    # Whole lines only: the last may still be being written.
+    return [DeliveryEvent.from_json(line) for line in path.read_text().split("\n")[:-1] if line.strip()]
 
 
 def wait_events_file(data_dir: Path, n: int, timeout: float = 5.0) -> list[DeliveryEvent]:

@@ -89,9 +89,16 @@ def test_sigkill_during_delivery_loses_nothing(tmp_path):
             # Only messages whose outcome was still on its way to the log
             # when the process died (one turn's worth per connection).
             assert dups <= CONNS * 4, dups
-            time.sleep(0.5)
-            events = [json.loads(x) for x in (data / "events.jsonl").read_text().splitlines()]
-            delivered = {e["queue_id"] for e in events if e["type"] == "delivered"}
+            # The events follow the sink's 250s: wait for them (a torn last
+            # line is one still being written).
+            deadline = time.monotonic() + 20
+            while True:
+                lines = (data / "events.jsonl").read_text().split("\n")[:-1]
+                events = [json.loads(x) for x in lines]
+                delivered = {e["queue_id"] for e in events if e["type"] == "delivered"}
+                if len(delivered) >= N or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
             assert len(delivered) == N
         finally:
             proc.send_signal(signal.SIGTERM)

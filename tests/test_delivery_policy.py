@@ -44,7 +44,7 @@ def test_policy_hook_limits_one_destination(engine_factory, tmp_path, style):
         fast = sorted(m.time for m in got if m.rcpt_tos == ["y@fast.test"])
         # 25 at 10/s with a burst of 1: at least 2.4 s; the other domain is not held back.
         assert slow[-1] - t0 >= 2.0, slow[-1] - t0
-        assert fast[-1] - t0 < 1.5, fast[-1] - t0
+        assert fast[-1] < slow[-1] - 1.0, (fast[-1] - t0, slow[-1] - t0)
         slow_sessions = {m.session for m in got if m.rcpt_tos == ["x@slow.test"]}
         assert len(slow_sessions) == 1          # max_connections=1 and the connection reused
         assert sorted(d for d, _ in asked) == ["fast.test", "slow.test"]   # once per destination

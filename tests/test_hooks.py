@@ -384,8 +384,8 @@ def test_slow_async_hook_does_not_block_others(engine_factory, ports):
             s.ehlo("fast.test")
             assert s.sendmail("bob@sender.test", ["alice@example.test"], MESSAGE) == {}
         fast = time.monotonic() - t0
-        assert not slow_result, "the slow session finished first?"
-        assert fast < min(1.0 * SLACK, 1.8), f"fast session took {fast:.2f}s"
+        # The slow session is still waiting in its hook: the fast one did not wait for it.
+        assert not slow_result, f"the slow session finished first (fast took {fast:.2f}s)"
     finally:
         t.join(15)
     assert not t.is_alive()
@@ -396,9 +396,14 @@ def test_slow_async_hook_does_not_block_others(engine_factory, ports):
 
 
 def test_many_concurrent_async_hooks(engine_factory, ports):
-    """Ten sessions each waiting 1 s in a hook finish in about 1 s, not 10."""
+    """Ten sessions each waiting 1 s in a hook wait at the same time, not one after another."""
+    waiting = [0, 0]                                  # now, most at once
+
     async def helo(session, name):
+        waiting[0] += 1
+        waiting[1] = max(waiting[1], waiting[0])
         await asyncio.sleep(1.0)
+        waiting[0] -= 1
 
     engine_factory(hooks={"helo": helo})
     results = []
@@ -413,9 +418,9 @@ def test_many_concurrent_async_hooks(engine_factory, ports):
         t.start()
     for t in threads:
         t.join(15)
-    elapsed = time.monotonic() - t0
     assert results == [250] * 10
-    assert elapsed < 1.0 + 2.0 * SLACK, elapsed
+    # One after another, at most one would be waiting at a time.
+    assert waiting[1] >= 5, (waiting, time.monotonic() - t0)
 
 
 # -- received events -----------------------------------------------------------------

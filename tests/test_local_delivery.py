@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_config
+from delivery_helpers import wait_until
 from mailengine import Engine
 
 HOST = "127.0.0.1"
@@ -58,8 +59,9 @@ def test_smtp_in_lands_in_the_users_maildir(engine, ports, tmp_path):
     md = mailbox.Maildir(str(new.parent), create=False)
     subjects = sorted(m["Subject"] for m in md)
     assert subjects == ["hello", "hello"]
-    time.sleep(0.2)
-    delivered = [e for e in engine.events if e.type == "delivered"]
+    # The events follow the fsync of new/, a moment after the files show.
+    delivered = wait_until(lambda: len([e for e in engine.events if e.type == "delivered"]) >= 2
+                           and [e for e in engine.events if e.type == "delivered"], 10, "two events")
     assert sorted(e.recipient for e in delivered) == ["Alice+news@EXAMPLE.test", "alice@example.test"]
     assert all(e.mx == "local" and e.code == 250 for e in delivered)
     # Final: the queue is empty, and the events file says so too.
@@ -78,10 +80,10 @@ def test_send_to_local_and_remote_in_one_message(engine, tmp_path):
                       recipients=["alice@example.test", "bob@remote.test"])
     new = tmp_path / "data" / "mailboxes" / "example.test" / "alice" / "new"
     wait_files(new, 1)
-    time.sleep(0.3)
+    wait_until(lambda: any(e.type == "deferred" and e.recipient == "bob@remote.test"
+                           for e in engine.events), 10, "the remote recipient deferred")
     ids = [m.id for m in engine.queue.list()]
     assert qid in ids
-    assert any(e.type == "deferred" and e.recipient == "bob@remote.test" for e in engine.events)
 
 
 def test_local_delivery_off_keeps_mail_queued(tmp_path, ports):

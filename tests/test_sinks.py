@@ -293,9 +293,7 @@ def test_concurrency_is_counted_exactly_with_parallel_clients() -> None:
         await asyncio.gather(*(c.quit() for c in clients))
 
     with Sink(delay=0.2) as sink:
-        t0 = time.monotonic()
         asyncio.run(run(sink))
-        assert time.monotonic() - t0 < 0.2 * n  # the delays overlapped
         msgs = sink.wait_for(n)
         sink.wait_idle(5)
         assert (sink.max_concurrent, sink.connections_total, sink.open_connections) == (n, n, 0)
@@ -474,7 +472,7 @@ def test_limits_early_talkers_and_idle_timeout() -> None:
         with pytest.raises(smtplib.SMTPConnectError) as e:
             smtplib.SMTP("127.0.0.1", sink.port, timeout=5)  # the sink is full
         assert e.value.smtp_code == 421
-    with Sink(greeting_delay=0.2, timeout=0.3) as sink:
+    with Sink(greeting_delay=1.0, timeout=0.3) as sink:
         r = Raw(sink.port)
         r.send(b"EHLO eager.test\r\n")  # before the banner
         assert r.reply()[0] == 220 and r.reply()[0] == 250

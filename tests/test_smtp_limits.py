@@ -346,10 +346,10 @@ def test_command_timeout(engine_factory, ports):
 
 
 def test_command_timeout_is_per_command(engine_factory, ports):
-    engine_factory(limits=limits(command_timeout=1.0))
+    engine_factory(limits=limits(command_timeout=2.0))
     with session(ports.mx) as r:
-        for _ in range(5):                     # 2 s of activity, 0.4 s apart
-            time.sleep(0.4)
+        for _ in range(6):                     # 3 s of activity, 0.5 s apart
+            time.sleep(0.5)
             assert r.cmd("NOOP")[0] == 250
 
 
@@ -367,12 +367,12 @@ def test_data_timeout(engine_factory, ports):
 
 
 def test_data_timeout_is_inactivity_not_total(engine_factory, ports):
-    eng = engine_factory(limits=limits(command_timeout=30.0, data_timeout=1.0))
+    eng = engine_factory(limits=limits(command_timeout=30.0, data_timeout=2.0))
     with session(ports.mx) as r:
         open_txn(r)
         r.send(b"Subject: drip\r\n\r\n")
-        for i in range(6):                     # 1.8 s in all, 0.3 s apart
-            time.sleep(0.3)
+        for i in range(8):                     # 3.2 s in all, 0.4 s apart
+            time.sleep(0.4)
             r.send(b"line %d\r\n" % i)
         code, _ = r.cmd(b".")
         assert code == 250

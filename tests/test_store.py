@@ -205,7 +205,7 @@ def test_python_store_behind_delivery_and_pop3(tmp_path, ports):
         p.quit()
         left = store.list("alice@example.test", "INBOX")
         assert len(left) == 1 and b"Subject: again" in store.read("alice@example.test", "INBOX", left[0].uid)
-        delivered = [e for e in srv.events if e.type == "delivered"]
+        delivered = srv.wait_event("delivered", 3)
         assert len(delivered) == 3 and all(e.mx == "local" for e in delivered)
     finally:
         srv.engine.stop()
@@ -276,7 +276,8 @@ def test_index_follows_other_tools(tmp_path, ports):
         assert index[0].startswith("mailengine-index 1 ") and len(index) == 4
         uidvalidity = index[0].split()[2]
         # A mail client reads one (new -> cur with flags) and deletes another.
-        first, second, third = files(alice / "new")     # name order: arrival, uids 1, 2, 3
+        by_name = {f.name.split(":")[0]: f for f in files(alice / "new")}
+        first, second = by_name[before["1"]], by_name[before["2"]]     # UIDL is the base name
         first_subject = first.read_bytes().split(b"Subject: ")[1].split(b"\r\n")[0]
         first.rename(alice / "cur" / (first.name + ":2,S"))
         second.unlink()

@@ -128,9 +128,18 @@ static bool secure_enough(const struct pop3_session *s)
     return conn_is_tls(&s->conn) || cfg_of(s)->allow_plain_auth;
 }
 
-static void session_free(struct pop3_session *s)
+/* The mailbox is free for the next session as soon as this one is done
+ * with it: before the QUIT's +OK, so a client that logs in again right
+ * after does not meet [IN-USE]. */
+static void release_mailbox(struct pop3_session *s)
 {
     if (s->locked) mailbox_unlock(s->mailbox);
+    s->locked = false;
+}
+
+static void session_free(struct pop3_session *s)
+{
+    release_mailbox(s);
     if (s->mb) s->mb->st->ops->close(s->mb);
     free(s->deleted);
     free(s->user);
@@ -291,6 +300,7 @@ static void job_done(struct loop *l, struct loop_msg *lm)
         break;
     case JOB_UPDATE:
         s->state = P_DONE;
+        release_mailbox(s);
         if (j->err) reply(s, "-ERR some deleted messages not removed");
         else reply(s, "+OK mailengine POP3 server signing off");
         conn_close(&s->conn);
@@ -688,6 +698,7 @@ static void cmd_trans_state(struct pop3_session *s, const struct pop3_command *c
         bool any = false;
         for (size_t i = 0; i < s->mb->n; i++) any |= s->deleted[i];
         if (!any) {
+            release_mailbox(s);
             reply(s, "+OK mailengine POP3 server signing off");
             conn_close(&s->conn);
             return;
