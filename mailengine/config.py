@@ -48,6 +48,7 @@ class Limits:
     command_timeout: float = 300.0        # RFC 5321 4.5.3.2.7
     data_timeout: float = 600.0
     session_timeout: float = 3600.0
+    pop3_idle_timeout: float = 600.0      # RFC 1939 3: autologout after at least 10 minutes
     max_connections: int = 10000
     max_connections_per_ip: int = 50      # trusted networks are exempt
 
@@ -298,7 +299,7 @@ class Config:
             raise ConfigError("limits.max_command_line", "must be at least 512 (RFC 5321 4.5.3.1.4)")
         if lim.max_text_line < 1000:
             raise ConfigError("limits.max_text_line", "must be at least 1000 (RFC 5321 4.5.3.1.6)")
-        for name in ("command_timeout", "data_timeout"):
+        for name in ("command_timeout", "data_timeout", "pop3_idle_timeout"):
             if getattr(lim, name) <= 0:
                 raise ConfigError(f"limits.{name}", "must be positive")
 

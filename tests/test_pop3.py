@@ -18,7 +18,7 @@ import pytest
 
 from conftest import free_port, make_config
 from smtpclient import client_tls as tls
-from mailengine import Engine, Listener
+from mailengine import Engine, Limits, Listener
 
 HOST = "127.0.0.1"
 USER, PASSWORD = "alice@example.test", "secret"
@@ -266,3 +266,42 @@ def test_auth_hook_serves_pop3_too(tmp_path, ports):
                          ("pop", "PLAIN", "alice@example.test", False)]
     finally:
         eng.stop()
+
+
+def test_idle_autologout_removes_nothing(tmp_path, ports):
+    """RFC 1939 §3: an idle session is logged out without the UPDATE state,
+    so what it marked with DELE stays."""
+    srv = Server(tmp_path, ports, limits=Limits(auth_fail_delay=0.0, pop3_idle_timeout=1.0))
+    try:
+        srv.deliver(msg("kept"))
+        p = srv.login()
+        p.dele(1)
+        t0 = time.monotonic()
+        line = p.file.readline()                              # nothing sent: wait for the server
+        assert line.startswith(b"-ERR autologout"), line
+        assert p.file.readline() == b""                       # and the connection is closed
+        assert time.monotonic() - t0 >= 0.8
+        p.close()
+        q = srv.login()
+        assert q.stat()[0] == 1 and b"Subject: kept" in q.retr(1)[1]
+        q.quit()
+    finally:
+        srv.engine.stop()
+
+
+def test_commands_pipelined_after_stls_are_discarded(server):
+    """RFC 2595 §4: whatever came with STLS in the same packet is thrown
+    away, never answered inside TLS."""
+    s = socket.create_connection((HOST, server.pop3), timeout=10)
+    f = s.makefile("rb")
+    assert f.readline().startswith(b"+OK")
+    s.sendall(b"STLS\r\nUSER " + USER.encode() + b"\r\nPASS " + PASSWORD.encode() + b"\r\n")
+    assert f.readline().startswith(b"+OK")
+    t = tls().wrap_socket(s)
+    g = t.makefile("rb")
+    t.sendall(b"STAT\r\n")
+    assert g.readline().startswith(b"-ERR")                   # not logged in: USER/PASS were dropped
+    t.sendall(b"NOOP\r\nQUIT\r\n")
+    assert g.readline().startswith(b"-ERR")                   # NOOP is for the TRANSACTION state
+    assert g.readline().startswith(b"+OK")
+    t.close()

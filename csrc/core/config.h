@@ -38,6 +38,7 @@ struct smtp_limits {
     uint64_t command_timeout_ms;
     uint64_t data_timeout_ms;
     uint64_t session_timeout_ms;
+    uint64_t pop3_idle_timeout_ms;  /* POP3 autologout (RFC 1939 §3) */
     unsigned max_connections;
     unsigned max_connections_per_ip;
 };

@@ -30,7 +30,6 @@
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
 
-#define POP3_IDLE_MS (10 * 60 * 1000)     /* RFC 1939 §3: at least ten minutes */
 #define POP3_MAX_ERRORS 20
 #define POP3_MAX_AUTH_FAILURES 3
 
@@ -122,6 +121,9 @@ static void count_error(struct pop3_session *s)
 }
 
 static const struct me_config *cfg_of(const struct pop3_session *s) { return s->w->eng->cfg; }
+
+/* RFC 1939 §3: the autologout timer (limits.pop3_idle_timeout). */
+static uint64_t idle_ms(const struct pop3_session *s) { return cfg_of(s)->limits.pop3_idle_timeout_ms; }
 
 static bool secure_enough(const struct pop3_session *s)
 {
@@ -765,7 +767,7 @@ static size_t pop3_on_data(struct conn *cn, const char *p, size_t n)
         used += k;
         if (cn->tls && !had_tls) return n;   /* STLS began: the rest is void */
     }
-    conn_set_timeout(cn, POP3_IDLE_MS);
+    conn_set_timeout(cn, idle_ms(s));
     return used;
 }
 
@@ -780,7 +782,7 @@ static void pop3_on_timeout(struct conn *cn)
 {
     struct pop3_session *s = (struct pop3_session *)cn;
     if (s->pending) {
-        conn_set_timeout(cn, POP3_IDLE_MS);
+        conn_set_timeout(cn, idle_ms(s));
         return;
     }
     /* RFC 1939 §3: an autologout timer; no UPDATE state is entered. */
@@ -843,7 +845,7 @@ void pop3_session_start(struct worker *w, struct listener_cfg *lc, int fd)
     w->sessions.next->prev = &s->link;
     w->sessions.next = &s->link;
     w->nsessions++;
-    conn_set_timeout(&s->conn, POP3_IDLE_MS);
+    conn_set_timeout(&s->conn, cfg->limits.pop3_idle_timeout_ms);
     unsigned total = atomic_fetch_add(&e->conns_total, 1) + 1;
     if (w->draining || (cfg->limits.max_connections && total > cfg->limits.max_connections)) {
         reply(s, "-ERR [SYS/TEMP] too busy, try later");

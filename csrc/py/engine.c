@@ -403,6 +403,7 @@ static int config_from_dict(struct me_config *cfg, PyObject *d)
         {"command_timeout", 300.0, &L->command_timeout_ms},
         {"data_timeout", 600.0, &L->data_timeout_ms},
         {"session_timeout", 3600.0, &L->session_timeout_ms},
+        {"pop3_idle_timeout", 600.0, &L->pop3_idle_timeout_ms},
     };
     for (size_t i = 0; i < sizeof times / sizeof times[0]; i++) {
         PyObject *t = PyDict_GetItemString(lim, times[i].key);
@@ -421,7 +422,8 @@ static int config_from_dict(struct me_config *cfg, PyObject *d)
     if (L->max_text_line < 1000) FAIL("limits.max_text_line: at least 1000 (RFC 5321 4.5.3.1.6)");
     if (L->max_errors == 0) L->max_errors = 1;
     if (L->max_auth_failures == 0) L->max_auth_failures = 1;
-    if (L->command_timeout_ms == 0 || L->data_timeout_ms == 0) FAIL("limits: timeouts must be positive");
+    if (L->command_timeout_ms == 0 || L->data_timeout_ms == 0 || L->pop3_idle_timeout_ms == 0)
+        FAIL("limits: timeouts must be positive");
     PyObject *dl = PyDict_GetItemString(d, "delivery");
     if (dl && dl != Py_None) {
         cfg->delivery = delivery_cfg_from_dict(dl);
