@@ -293,15 +293,15 @@ class Config:
         lim = self.limits
         for f in fields(Limits):
             v = getattr(lim, f.name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1e12:
                 raise ConfigError(f"limits.{f.name}", "must be a non-negative number")
         if lim.max_command_line < 512:
             raise ConfigError("limits.max_command_line", "must be at least 512 (RFC 5321 4.5.3.1.4)")
         if lim.max_text_line < 1000:
             raise ConfigError("limits.max_text_line", "must be at least 1000 (RFC 5321 4.5.3.1.6)")
         for name in ("command_timeout", "data_timeout", "pop3_idle_timeout"):
-            if getattr(lim, name) <= 0:
-                raise ConfigError(f"limits.{name}", "must be positive")
+            if getattr(lim, name) < 0.001:
+                raise ConfigError(f"limits.{name}", "must be positive (at least 0.001 s)")
 
         self._validate_delivery()
 

@@ -669,6 +669,10 @@ def test_config_errors_name_the_key(engine_factory, ports, tmp_path):
         ({"domains": ["bad domain"]}, "domains[0]"),
         ({"limits": Limits(max_command_line=100)}, "limits.max_command_line"),
         ({"limits": Limits(auth_fail_delay=-1.0)}, "limits.auth_fail_delay"),
+        ({"limits": Limits(pop3_idle_timeout=0.0)}, "limits.pop3_idle_timeout"),
+        ({"limits": Limits(data_timeout=float("nan"))}, "limits.data_timeout"),
+        ({"limits": Limits(session_timeout=float("inf"))}, "limits.session_timeout"),
+        ({"limits": Limits(command_timeout=0.0001)}, "limits.command_timeout"),
     ]
     for overrides, key in cases:
         with pytest.raises(ConfigError) as exc:

@@ -1,6 +1,7 @@
 /* Background threads for slow work (see offload.h): OFFLOAD_THREADS
  * threads, each with its own lock-free stack and eventfd; submit spreads
- * jobs over them round robin, so posting a job never takes a lock. */
+ * jobs over them round robin (or by key, for jobs that must stay in
+ * order), so posting a job never takes a lock. */
 #include "core/offload.h"
 
 #include <errno.h>

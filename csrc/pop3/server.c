@@ -767,7 +767,8 @@ static size_t pop3_on_data(struct conn *cn, const char *p, size_t n)
         used += k;
         if (cn->tls && !had_tls) return n;   /* STLS began: the rest is void */
     }
-    conn_set_timeout(cn, idle_ms(s));
+    /* Closing, the connection's own short wait for the last reply stands. */
+    if (!conn_closing(cn)) conn_set_timeout(cn, idle_ms(s));
     return used;
 }
 
@@ -786,6 +787,7 @@ static void pop3_on_timeout(struct conn *cn)
         return;
     }
     /* RFC 1939 §3: an autologout timer; no UPDATE state is entered. */
+    release_mailbox(s);
     reply(s, "-ERR autologout: idle for too long");
     conn_close(cn);
 }

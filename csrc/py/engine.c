@@ -415,6 +415,10 @@ static int config_from_dict(struct me_config *cfg, PyObject *d)
                 goto fail;
             }
         }
+        if (!(secs >= 0 && secs < 1e12)) {          /* also NaN and infinity */
+            Py_XDECREF(empty);
+            FAIL("limits.%s: must be a non-negative number of seconds", times[i].key);
+        }
         *times[i].dst = (uint64_t)(secs * 1000.0);
     }
     Py_XDECREF(empty);

@@ -2031,9 +2031,10 @@ static void local_submit(struct local_job *lj)
     lj->job.loop = &lj->q->loop;
     lj->job.work = local_work;
     lj->job.outstanding = &lj->q->eng->offload_jobs;
-    /* One thread per mailbox (by the first recipient's): messages to one
-     * mailbox are stored in the order they reached the queue, as readers
-     * of INBOX expect, while other mailboxes go on in parallel. */
+    /* The thread follows the first recipient's mailbox: messages whose
+     * first local recipient is one mailbox are stored in the order they
+     * are submitted, as readers of INBOX expect, while other mailboxes go
+     * on in parallel. */
     struct qmsg *m = lj->j->m;
     char box[320];
     const char *first = lj->j->n ? m->rcpt[lj->j->idx[0]].addr : m->id;
