@@ -262,6 +262,29 @@ def test_python_store_quota_and_failures(tmp_path, ports):
         srv.engine.stop()
 
 
+def test_mailbox_keeps_the_order_mail_was_queued(tmp_path, ports):
+    """Local deliveries run in parallel across mailboxes, but each mailbox
+    gets its messages (and UIDs) in queue order, also messages that list
+    another local recipient first."""
+    srv = Srv(tmp_path, ports, users=(("bob@example.test", 0),))
+    try:
+        n = 40
+        rcpts = [["alice@example.test", "bob@example.test"] if i % 2 else ["bob@example.test"]
+                 for i in range(n)]
+        srv.engine.send_many((msg(f"m{i:02}"), "x@sender.test", r) for i, r in enumerate(rcpts))
+        srv.wait_event("delivered", n + n // 2, timeout=30)
+        for user, pw, want in (("bob@example.test", "pw", [f"m{i:02}" for i in range(n)]),
+                               ("alice@example.test", "secret", [f"m{i:02}" for i in range(1, n, 2)])):
+            p = srv.pop(user, pw)
+            count = p.stat()[0]
+            got = [next(x for x in p.top(k, 0)[1] if x.startswith(b"Subject: "))[9:].decode()
+                   for k in range(1, count + 1)]
+            p.quit()
+            assert got == want, user
+    finally:
+        srv.engine.stop()
+
+
 def test_index_follows_other_tools(tmp_path, ports):
     srv = Srv(tmp_path, ports)
     try:

@@ -1118,7 +1118,9 @@ static void msg_schedule(struct queue *q, struct qmsg *m)
                                 : dest_get(q, key, m->pool, dc->relay_host != NULL);
         if (!d) continue;
         d->local = local;
-        max_r = local ? m->nrcpt : d->pol.max_recipients ? d->pol.max_recipients : 50;
+        /* Local: one job per recipient (Postfix's local_destination_
+         * recipient_limit is 1 too), each on its mailbox's offload thread. */
+        max_r = local ? 1 : d->pol.max_recipients ? d->pol.max_recipients : 50;
         struct qjob *j = NULL;
         for (unsigned k = i; k < m->nrcpt; k++) {
             if (taken[k] || m->rcpt[k].state != R_PENDING) continue;
@@ -2031,8 +2033,8 @@ static void local_submit(struct local_job *lj)
     lj->job.loop = &lj->q->loop;
     lj->job.work = local_work;
     lj->job.outstanding = &lj->q->eng->offload_jobs;
-    /* The thread follows the first recipient's mailbox: messages whose
-     * first local recipient is one mailbox are stored in the order they
+    /* The thread follows the recipient's mailbox (a local job has one
+     * recipient): messages to one mailbox are stored in the order they
      * are submitted, as readers of INBOX expect, while other mailboxes go
      * on in parallel. */
     struct qmsg *m = lj->j->m;
