@@ -30,3 +30,11 @@ int fs_fsync_dir(const char *dir)
     close(fd);
     return rc;
 }
+
+struct dirent *fs_readdir(DIR *d, int *rc)
+{
+    errno = 0;
+    struct dirent *de = readdir(d);
+    if (!de) *rc = errno ? -errno : 0;
+    return de;
+}

@@ -1,4 +1,4 @@
-/* sources: csrc/store/quota.c */
+/* sources: csrc/store/quota.c csrc/core/fsutil.c */
 /* libs: */
 /* The maildirsize parser on arbitrary bytes (other tools, and users with
  * shell access, write that file). It must agree, verdict and sums, with a

@@ -501,13 +501,8 @@ static int ix_scan_dir(const char *dir, int which, struct ix_scan *s)
     DIR *d = opendir(path);
     if (!d) return errno == ENOENT ? 0 : -errno;
     int dfd = dirfd(d);
-    for (;;) {
-        errno = 0;
-        struct dirent *de = readdir(d);
-        if (!de) {
-            rc = errno ? -errno : 0;
-            break;
-        }
+    struct dirent *de;
+    while ((de = fs_readdir(d, &rc))) {
         size_t l = strlen(de->d_name);
         if (!ix_name_ok(de->d_name, l)) continue;   /* dot-files, names we cannot record */
         struct ix_file f = {0};

@@ -2,6 +2,8 @@
  * recalculates it, and the append that records a change. */
 #include "store/quota.h"
 
+#include "core/fsutil.h"
+
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -201,13 +203,8 @@ static int q_sum_dir(const char *path, struct q_scan *s)
     if (!d) return errno == ENOENT || errno == ENOTDIR ? 0 : -errno;
     struct stat st;
     int rc = fstat(dirfd(d), &st) < 0 ? -errno : q_note_dir(s, path, q_mtime_ns(&st));
-    while (rc == 0) {
-        errno = 0;
-        struct dirent *de = readdir(d);
-        if (!de) {
-            rc = errno ? -errno : 0;
-            break;
-        }
+    struct dirent *de;
+    while (rc == 0 && (de = fs_readdir(d, &rc))) {
         if (de->d_name[0] == '.') continue;
         if (de->d_type != DT_REG && de->d_type != DT_UNKNOWN) continue;
         uint64_t size;
@@ -248,13 +245,8 @@ static int q_scan_root(const char *root, struct q_scan *s)
     s->have_root = 1;
     struct stat st;
     int rc = q_sum_folder(root, s);
-    while (rc == 0) {
-        errno = 0;
-        struct dirent *de = readdir(d);
-        if (!de) {
-            rc = errno ? -errno : 0;
-            break;
-        }
+    struct dirent *de;
+    while (rc == 0 && (de = fs_readdir(d, &rc))) {
         const char *nm = de->d_name;
         if (nm[0] != '.' || nm[1] == 0 || (nm[1] == '.' && nm[2] == 0)) continue;
         if (de->d_type == DT_UNKNOWN) {

@@ -63,6 +63,20 @@ static inline void check_rmtree(const char *dir)
     nftw(dir, check_rm_one, 16, FTW_DEPTH | FTW_PHYS);
 }
 
+/* Write body into dir/rel (a test fixture); exit 2 when it cannot. */
+static inline void check_put(const char *dir, const char *rel, const char *body)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", dir, rel);
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        fprintf(stderr, "cannot write %s\n", path);
+        exit(2);
+    }
+    fputs(body, f);
+    fclose(f);
+}
+
 /* "N passed, M failed" as the last line; the exit status says the same. */
 static inline int check_summary(void)
 {

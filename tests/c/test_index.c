@@ -29,19 +29,6 @@ static void new_folder(char *dir, size_t cap)
     snprintf(dir, cap, "%s/f%d", top, ++folder_seq);
 }
 
-static void put(const char *dir, const char *rel, const char *body)
-{
-    char path[512];
-    snprintf(path, sizeof path, "%s/%s", dir, rel);
-    FILE *f = fopen(path, "w");
-    if (!f) {
-        fprintf(stderr, "cannot write %s\n", path);
-        exit(2);
-    }
-    fputs(body, f);
-    fclose(f);
-}
-
 static int exists(const char *dir, const char *rel)
 {
     char path[512];
@@ -121,11 +108,11 @@ static void test_lifecycle(void)
     uint32_t uv = ix.uidvalidity;
 
     /* Written out of name order; the name (delivery time first) decides. */
-    put(dir, "new/1700000003.M3P1Q3.host,S=12", "hello world\n");
-    put(dir, "new/1700000001.M1P1Q1.host,S=12", "hello world\n");
-    put(dir, "new/1700000002.M2P1Q2.host,S=12", "hello world\n");
-    put(dir, "new/1700000001.M0P1Q9.host,S=12", "hello world\n");
-    put(dir, "new/.hidden", "not a message\n");
+    check_put(dir, "new/1700000003.M3P1Q3.host,S=12", "hello world\n");
+    check_put(dir, "new/1700000001.M1P1Q1.host,S=12", "hello world\n");
+    check_put(dir, "new/1700000002.M2P1Q2.host,S=12", "hello world\n");
+    check_put(dir, "new/1700000001.M0P1Q9.host,S=12", "hello world\n");
+    check_put(dir, "new/.hidden", "not a message\n");
     char sub[512];
     snprintf(sub, sizeof sub, "%s/new/subdir", dir);
     mkdir(sub, 0700);
@@ -133,7 +120,7 @@ static void test_lifecycle(void)
     mkdir(sub, 0700);
     snprintf(sub, sizeof sub, "%s/.Junk/new", dir);
     mkdir(sub, 0700);
-    put(dir, ".Junk/new/1700000000.M9P9Q9.host,S=3", "ab\n");
+    check_put(dir, ".Junk/new/1700000000.M9P9Q9.host,S=3", "ab\n");
 
     OK(mbox_index_sync(dir, &ix) == 0);
     CHECK(ix.n == 4, "n=%zu", ix.n);
@@ -208,7 +195,7 @@ static void test_lifecycle(void)
     /* A later delivery gets the next UID; a name without ",S=" or a
      * leading time takes size and date from the file, the size as served
      * (each bare LF counted as CRLF). */
-    put(dir, "new/odd-name", "12345\n");
+    check_put(dir, "new/odd-name", "12345\n");
     time_t now = time(NULL);
     OK(mbox_index_sync(dir, &ix) == 0);
     e = mbox_index_find(&ix, 5);
@@ -220,8 +207,8 @@ static void test_lifecycle(void)
 
     /* Delivery time decides before the name does: 999999999 (9 digits)
      * came before 1000000000, although it sorts after it as text. */
-    put(dir, "new/1000000000.M1P1Q1.host,S=1", "\n");
-    put(dir, "new/999999999.M1P1Q1.host,S=1", "\n");
+    check_put(dir, "new/1000000000.M1P1Q1.host,S=1", "\n");
+    check_put(dir, "new/999999999.M1P1Q1.host,S=1", "\n");
     OK(mbox_index_sync(dir, &ix) == 0);
     e = mbox_index_find(&ix, 6);
     OK(e && strcmp(e->name, "new/999999999.M1P1Q1.host,S=1") == 0 && e->internal_date == 999999999);
@@ -230,8 +217,8 @@ static void test_lifecycle(void)
 
     /* One base in new/ and cur/ at once (a tool that links, then
      * unlinks): one message, seen at its destination. */
-    put(dir, "new/1700000010.dup,S=1", "\n");
-    put(dir, "cur/1700000010.dup,S=1:2,S", "\n");
+    check_put(dir, "new/1700000010.dup,S=1", "\n");
+    check_put(dir, "cur/1700000010.dup,S=1:2,S", "\n");
     OK(mbox_index_sync(dir, &ix) == 0);
     OK(ix.n == 7 && ix.uidnext == 9);
     e = mbox_index_find(&ix, 8);
@@ -261,7 +248,7 @@ static void test_same_second_order(void)
         "new/1700000001.M123457P7Q3.host,S=3",
     };
     OK(mbox_index_sync(dir, &ix) == 0);                 /* creates new/ and cur/ */
-    for (size_t i = 5; i-- > 0;) put(dir, order[i], "ab\n");
+    for (size_t i = 5; i-- > 0;) check_put(dir, order[i], "ab\n");
     OK(mbox_index_sync(dir, &ix) == 0);
     CHECK(ix.n == 5, "n=%zu", ix.n);
     for (size_t i = 0; i < 5 && i < ix.n; i++)
@@ -276,14 +263,14 @@ static void test_mtime_shortcut(void)
     struct mbox_index ix = {0};
     new_folder(dir, sizeof dir);
     OK(mbox_index_sync(dir, &ix) == 0);
-    put(dir, "new/1700000000.A.host,S=2", "a\n");
+    check_put(dir, "new/1700000000.A.host,S=2", "a\n");
     time_t old = time(NULL) - 100;
     age_dirs(dir, old);
     OK(mbox_index_sync(dir, &ix) == 0);
     OK(ix.n == 1);
 
     /* A file slipped in while the mtime still reads as before. */
-    put(dir, "new/1700000001.B.host,S=2", "b\n");
+    check_put(dir, "new/1700000001.B.host,S=2", "b\n");
     age_dirs(dir, old);
     struct stat before, after;
     index_stat(dir, &before);
@@ -298,7 +285,7 @@ static void test_mtime_shortcut(void)
     OK(ix.n == 2 && mbox_index_find(&ix, 2) && strcmp(mbox_index_find(&ix, 2)->name, "new/1700000001.B.host,S=2") == 0);
 
     /* A recent mtime is never trusted: several changes share one tick. */
-    put(dir, "new/1700000002.C.host,S=2", "c\n");
+    check_put(dir, "new/1700000002.C.host,S=2", "c\n");
     OK(mbox_index_sync(dir, &ix) == 0);
     OK(ix.n == 3);
     /* Another file lands within the same tick as the one the last sync
@@ -307,7 +294,7 @@ static void test_mtime_shortcut(void)
     char path[512];
     snprintf(path, sizeof path, "%s/new", dir);
     stat(path, &st);
-    put(dir, "new/1700000003.D.host,S=2", "d\n");
+    check_put(dir, "new/1700000003.D.host,S=2", "d\n");
     struct timespec ts[2] = {st.st_atim, st.st_mtim};
     utimensat(AT_FDCWD, path, ts, 0);
     OK(mbox_index_sync(dir, &ix) == 0);
@@ -321,8 +308,8 @@ static void test_set_flags(void)
     struct mbox_index ix = {0};
     new_folder(dir, sizeof dir);
     OK(mbox_index_sync(dir, &ix) == 0);
-    put(dir, "new/1700000000.M1P1Q1.host,S=2", "a\n");
-    put(dir, "new/1700000001.M1P1Q2.host,S=2", "b\n");
+    check_put(dir, "new/1700000000.M1P1Q1.host,S=2", "a\n");
+    check_put(dir, "new/1700000001.M1P1Q2.host,S=2", "b\n");
     OK(mbox_index_sync(dir, &ix) == 0);
     OK(ix.n == 2);
 
@@ -380,10 +367,10 @@ static void test_expunge(void)
     struct mbox_index ix = {0};
     new_folder(dir, sizeof dir);
     OK(mbox_index_sync(dir, &ix) == 0);
-    put(dir, "new/1700000000.a.host,S=2", "a\n");
-    put(dir, "new/1700000001.b.host,S=2", "b\n");
-    put(dir, "new/1700000002.c.host,S=2", "c\n");
-    put(dir, "new/1700000003.d.host,S=2", "d\n");
+    check_put(dir, "new/1700000000.a.host,S=2", "a\n");
+    check_put(dir, "new/1700000001.b.host,S=2", "b\n");
+    check_put(dir, "new/1700000002.c.host,S=2", "c\n");
+    check_put(dir, "new/1700000003.d.host,S=2", "d\n");
     OK(mbox_index_sync(dir, &ix) == 0);
     OK(mbox_index_set_flags(dir, &ix, 3, "S") == 0);
 
@@ -427,8 +414,8 @@ static void test_corrupt(void)
     struct mbox_index ix = {0};
     new_folder(dir, sizeof dir);
     OK(mbox_index_sync(dir, &ix) == 0);
-    put(dir, "new/1700000000.a.host,S=2", "a\n");
-    put(dir, "cur/1700000001.b.host,S=2:2,S", "b\n");
+    check_put(dir, "new/1700000000.a.host,S=2", "a\n");
+    check_put(dir, "cur/1700000001.b.host,S=2:2,S", "b\n");
     OK(mbox_index_sync(dir, &ix) == 0);
     OK(ix.n == 2);
 
@@ -436,7 +423,7 @@ static void test_corrupt(void)
     uint32_t far = (uint32_t)time(NULL) + 100000;
     char text[256];
     snprintf(text, sizeof text, "mailengine-index 1 %u 9 9 0 0\n1 1 2 3 n - x\nbroken\n", far);
-    put(dir, MBOX_INDEX_FILE, text);
+    check_put(dir, MBOX_INDEX_FILE, text);
     OK(mbox_index_sync(dir, &ix) == 0);
     CHECK(ix.uidvalidity > far, "uidvalidity %u, old %u", ix.uidvalidity, far);
     OK(ix.n == 2 && ix.uidnext == 3);
@@ -449,7 +436,7 @@ static void test_corrupt(void)
     mbox_index_free(&again);
 
     /* Nothing readable at all: the clock. */
-    put(dir, MBOX_INDEX_FILE, "\x01\x02 garbage");
+    check_put(dir, MBOX_INDEX_FILE, "\x01\x02 garbage");
     time_t t0 = time(NULL);
     OK(mbox_index_sync(dir, &ix) == 0);
     OK(ix.uidvalidity >= (uint32_t)t0 && ix.uidvalidity <= (uint32_t)time(NULL) + 1);
@@ -477,7 +464,7 @@ static void *th_adder(void *arg)
         /* Leading times out of creation order, so name order is not. */
         char rel[128];
         snprintf(rel, sizeof rel, "new/%u.M%dP9Q1.host,S=2", 1700000000u + (unsigned)(rand_r(&seed) % 97), k);
-        put(th_dir, rel, "x\n");
+        check_put(th_dir, rel, "x\n");
         if (k % 8 == 0) usleep(1000);
     }
     th_done = 1;
@@ -682,7 +669,7 @@ static void test_many(void)
     for (int k = N - 1; k >= 0; k--) {
         char rel[128];
         snprintf(rel, sizeof rel, "%s/1700%06d.M1P1Q1.host,S=2:2,S", k % 2 ? "cur" : "new", k);
-        put(dir, rel, "x\n");
+        check_put(dir, rel, "x\n");
     }
     OK(mbox_index_sync(dir, &ix) == 0);
     OK(ix.n == N && ix.uidnext == N + 1);

@@ -1,4 +1,4 @@
-/* sources: csrc/store/quota.c */
+/* sources: csrc/store/quota.c csrc/core/fsutil.c */
 /* libs: */
 /* Maildir++ quota: the maildirsize parser (limits, deltas, torn lines,
  * garbage), recalculation across INBOX and ".Folder"s, appends that sum
@@ -28,19 +28,6 @@ static void mk(const char *root, const char *rel)
     char path[512];
     snprintf(path, sizeof path, "%s/%s", root, rel);
     mkdir(path, 0700);
-}
-
-static void put(const char *root, const char *rel, const char *body)
-{
-    char path[512];
-    snprintf(path, sizeof path, "%s/%s", root, rel);
-    FILE *f = fopen(path, "w");
-    if (!f) {
-        fprintf(stderr, "cannot write %s\n", path);
-        exit(2);
-    }
-    fputs(body, f);
-    fclose(f);
 }
 
 static size_t slurp(const char *root, const char *rel, char *buf, size_t cap)
@@ -155,20 +142,20 @@ static void test_recalc(void)
     char root[256], buf[256];
     static const char *const folders[] = {".Junk", ".Trash", NULL};
     new_maildir(root, sizeof root, folders);
-    put(root, "new/1700000000.M1P1Q1.host,S=100", "x");              /* 100 by name */
-    put(root, "cur/1700000001.M1P1Q2.host,S=50:2,S", "x");           /* 50 by name */
-    put(root, "cur/1700000002.plain:2,S", "0123456789");             /* 10 by stat */
-    put(root, ".Junk/new/1700000003.M1P1Q3.host,S=1000", "x");
-    put(root, ".Junk/cur/1700000004.M1P1Q4.host,S=7:2,", "x");
-    put(root, ".Trash/cur/1700000005.plain", "abc");                  /* 3 by stat */
-    put(root, "tmp/1700000006.half-written,S=99999", "x");           /* not delivered */
-    put(root, "new/.hidden,S=99999", "x");
+    check_put(root, "new/1700000000.M1P1Q1.host,S=100", "x");              /* 100 by name */
+    check_put(root, "cur/1700000001.M1P1Q2.host,S=50:2,S", "x");           /* 50 by name */
+    check_put(root, "cur/1700000002.plain:2,S", "0123456789");             /* 10 by stat */
+    check_put(root, ".Junk/new/1700000003.M1P1Q3.host,S=1000", "x");
+    check_put(root, ".Junk/cur/1700000004.M1P1Q4.host,S=7:2,", "x");
+    check_put(root, ".Trash/cur/1700000005.plain", "abc");                  /* 3 by stat */
+    check_put(root, "tmp/1700000006.half-written,S=99999", "x");           /* not delivered */
+    check_put(root, "new/.hidden,S=99999", "x");
     mk(root, "new/subdir");
     mk(root, "notafolder");
     mk(root, "notafolder/new");
-    put(root, "notafolder/new/1.x,S=99999", "x");
+    check_put(root, "notafolder/new/1.x,S=99999", "x");
     mk(root, ".Empty");                                               /* a folder with no new/ or cur/ */
-    put(root, ".stray-file", "x");
+    check_put(root, ".stray-file", "x");
 
     const struct quota_limits lim = {100000, 100};
     uint64_t b = 0, m = 0;
@@ -180,7 +167,7 @@ static void test_recalc(void)
 
     /* The file is trusted now: a message slipped in without an append is
      * not seen... */
-    put(root, "new/1700000007.M1P1Q7.host,S=30", "x");
+    check_put(root, "new/1700000007.M1P1Q7.host,S=30", "x");
     OK(quota_usage(root, &lim, &b, &m) == 0 && b == 1170 && m == 6);
     /* ...until the limits change, which rewrites the file. */
     const struct quota_limits other = {0, 50};
@@ -193,13 +180,13 @@ static void test_recalc(void)
     CHECK(strcmp(buf, "0S\n1200 7\n") == 0, "%s", check_show(buf, n));
 
     /* A damaged file is recalculated. */
-    put(root, QUOTA_FILE, "0S\n12 x\n");
+    check_put(root, QUOTA_FILE, "0S\n12 x\n");
     OK(quota_usage(root, &none, &b, &m) == 0 && b == 1200 && m == 7);
     /* A header and no total: recalculated. */
-    put(root, QUOTA_FILE, "0S\n");
+    check_put(root, QUOTA_FILE, "0S\n");
     OK(quota_usage(root, &none, &b, &m) == 0 && b == 1200 && m == 7);
     /* A torn append is left out. */
-    put(root, QUOTA_FILE, "0S\n1200 7\n55");
+    check_put(root, QUOTA_FILE, "0S\n1200 7\n55");
     OK(quota_usage(root, &none, &b, &m) == 0 && b == 1200 && m == 7);
 
     /* No Maildir yet: nothing used, nothing created. */
@@ -220,14 +207,14 @@ static void test_add(void)
 
     /* No file yet: the append becomes a recalculation, which already sees
      * the delivered message (counted once, not twice). */
-    put(root, "new/1700000000.a,S=40", "x");
+    check_put(root, "new/1700000000.a,S=40", "x");
     OK(quota_add(root, &lim, 40, 1) == 0);
     size_t n = slurp(root, QUOTA_FILE, buf, sizeof buf);
     CHECK(strcmp(buf, "1000S,10C\n40 1\n") == 0, "%s", check_show(buf, n));
 
-    put(root, "new/1700000001.b,S=25", "x");
+    check_put(root, "new/1700000001.b,S=25", "x");
     OK(quota_add(root, &lim, 25, 1) == 0);
-    put(root, "new/1700000002.c,S=5", "x");
+    check_put(root, "new/1700000002.c,S=5", "x");
     OK(quota_add(root, &lim, 5, 1) == 0);
     n = slurp(root, QUOTA_FILE, buf, sizeof buf);
     CHECK(strcmp(buf, "1000S,10C\n40 1\n25 1\n5 1\n") == 0, "%s", check_show(buf, n));
@@ -258,11 +245,11 @@ static void test_add(void)
     size_t o = (size_t)snprintf(big, sizeof big, "1000S,10C\n45 2\n");
     while (o + 4 < QUOTA_FILE_MAX) o += (size_t)snprintf(big + o, sizeof big - o, "0 0\n");
     big[o] = 0;
-    put(root, QUOTA_FILE, big);
-    put(root, "new/1700000009.z,S=1", "x");   /* not appended: shows whether the file was used */
+    check_put(root, QUOTA_FILE, big);
+    check_put(root, "new/1700000009.z,S=1", "x");   /* not appended: shows whether the file was used */
     OK(quota_usage(root, &lim, &b, &m) == 0 && b == 45 && m == 2);
     o += (size_t)snprintf(big + o, sizeof big - o, "0 0\n");   /* now 5120 or more */
-    put(root, QUOTA_FILE, big);
+    check_put(root, QUOTA_FILE, big);
     OK(quota_usage(root, &lim, &b, &m) == 0 && b == 46 && m == 3);
 }
 
@@ -271,10 +258,10 @@ static void test_add_existing_only(void)
 {
     char root[256], buf[256];
     new_maildir(root, sizeof root, NULL);
-    put(root, "new/1700000000.a,S=40", "x");
+    check_put(root, "new/1700000000.a,S=40", "x");
     OK(quota_add(root, NULL, 40, 1) == 0);
     OK(slurp(root, QUOTA_FILE, buf, sizeof buf) == (size_t)-1);  /* still none */
-    put(root, QUOTA_FILE, "500S\n0 0\n");
+    check_put(root, QUOTA_FILE, "500S\n0 0\n");
     OK(quota_add(root, NULL, 40, 1) == 0 && quota_add(root, NULL, -40, -1) == 0);
     size_t n = slurp(root, QUOTA_FILE, buf, sizeof buf);
     CHECK(strcmp(buf, "500S\n0 0\n40 1\n-40 -1\n") == 0, "%s", check_show(buf, n));
@@ -284,8 +271,8 @@ static void test_check(void)
 {
     char root[256];
     new_maildir(root, sizeof root, NULL);
-    put(root, "new/1700000000.a,S=60", "x");
-    put(root, "new/1700000001.b,S=30", "x");
+    check_put(root, "new/1700000000.a,S=60", "x");
+    check_put(root, "new/1700000001.b,S=30", "x");
 
     const struct quota_limits bytes = {100, 0};
     OK(quota_check(root, &bytes, 10) == 0);           /* 90 + 10 = 100: at the limit */
@@ -295,7 +282,7 @@ static void test_check(void)
 
     const struct quota_limits count = {0, 3};
     OK(quota_check(root, &count, 1000000) == 0);      /* a third message fits */
-    put(root, "new/1700000002.c,S=1", "x");
+    check_put(root, "new/1700000002.c,S=1", "x");
     OK(quota_add(root, &count, 1, 1) == 0);
     OK(quota_check(root, &count, 0) == -EDQUOT);      /* a fourth does not */
 
@@ -306,10 +293,10 @@ static void test_check(void)
     OK(quota_check(root, &none, UINT64_MAX) == 0);
 
     /* Over quota by a file of several appends: not trusted, recalculated. */
-    put(root, QUOTA_FILE, "100S\n50 1\n60 1\n");
+    check_put(root, QUOTA_FILE, "100S\n50 1\n60 1\n");
     OK(quota_check(root, &bytes, 5) == 0);            /* the files hold 91 */
     /* Over quota by one fresh total line: trusted. */
-    put(root, QUOTA_FILE, "100S\n110 2\n");
+    check_put(root, QUOTA_FILE, "100S\n110 2\n");
     OK(quota_check(root, &bytes, 5) == -EDQUOT);
     /* ...unless it is older than 15 minutes. */
     char path[512];
