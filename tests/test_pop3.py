@@ -305,3 +305,33 @@ def test_commands_pipelined_after_stls_are_discarded(server):
     assert g.readline().startswith(b"-ERR")                   # NOOP is for the TRANSACTION state
     assert g.readline().startswith(b"+OK")
     t.close()
+
+
+@pytest.mark.parametrize("limit,why", [
+    (dict(max_connections=2), b"-ERR [SYS/TEMP] too busy"),
+    (dict(max_connections_per_ip=2), b"-ERR [SYS/TEMP] too many connections from your address"),
+])
+def test_connection_limits_count_pop3_sessions(tmp_path, ports, limit, why):
+    srv = Server(tmp_path, ports, trusted_networks=[], limits=Limits(auth_fail_delay=0.0, **limit))
+    try:
+        def connect() -> tuple[socket.socket, bytes]:
+            s = socket.create_connection((HOST, srv.pop3), timeout=10)
+            return s, s.makefile("rb").readline()
+        held = [connect() for _ in range(2)]
+        assert all(greeting.startswith(b"+OK") for _, greeting in held)
+        extra, refused = connect()
+        assert refused.startswith(why), refused
+        assert extra.recv(100) == b""                         # and closed
+        extra.close()
+        held.pop()[0].close()                                 # a place frees up
+        deadline = time.monotonic() + 10
+        while True:
+            s, greeting = connect()
+            s.close()
+            if greeting.startswith(b"+OK") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert greeting.startswith(b"+OK"), greeting
+        held[0][0].close()
+    finally:
+        srv.engine.stop()
